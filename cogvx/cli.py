@@ -1,0 +1,202 @@
+"""The `cogvx` command line: a thin shell over the library.
+
+Every command that does work takes ``--params FILE`` and dotted overrides (``train.lora.rank=8``)
+and goes through :func:`cogvx.config.load_config`, so a bad value is rejected before any work.
+User errors print one message (no traceback) and exit non-zero.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import click
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from cogvx import __version__
+from cogvx.config import Config, load_config, schema_rows
+from cogvx.errors import CogvxError
+from cogvx.registry import REGISTRY, TINY_VARIANTS, get_spec
+
+app = typer.Typer(
+    name="cogvx",
+    help="Fine-tune CogVideoX video diffusion models (LoRA or full) into custom video generators.",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+config_app = typer.Typer(help="Show the resolved configuration or its documented fields.",
+                         no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+# Piped output gets a wide table instead of rich's 80-column default.
+out = Console(width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True)
+
+DEFAULT_PARAMS = Path("params.yaml")
+ParamsOption = Annotated[Optional[Path], typer.Option(
+    "--params", "-p", help="params file; default: ./params.yaml when present, else built-in defaults.",
+    show_default=False)]
+OverridesArg = Annotated[Optional[list[str]], typer.Argument(
+    help="Dotted overrides applied on top of the params file, e.g. train.lora.rank=8 data.frames=49.",
+    show_default=False)]
+
+
+def resolve_config(params: Optional[Path], overrides: Optional[list[str]]) -> Config:
+    """The validated config of a command: --params (or ./params.yaml, or defaults) + overrides."""
+    if params is None and DEFAULT_PARAMS.is_file():
+        params = DEFAULT_PARAMS
+    return load_config(params, overrides or ())
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        out.print(f"cogvx {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", callback=_version_callback,
+                                                is_eager=True, help="Print the version and exit.")] = False) -> None:
+    """Fine-tune CogVideoX video diffusion models (LoRA or full) into custom video generators."""
+
+
+@config_app.command("show")
+def config_show(overrides: OverridesArg = None, params: ParamsOption = None,
+                as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of YAML.")] = False) -> None:
+    """Print the resolved configuration (params file + overrides, validated)."""
+    config = resolve_config(params, overrides)
+    if as_json:
+        print(json.dumps(config.to_dict(), indent=2))
+    else:
+        print(config.to_yaml(), end="")
+
+
+@config_app.command("schema")
+def config_schema(as_json: Annotated[bool, typer.Option("--json", help="Print the JSON Schema.")] = False) -> None:
+    """Print every config field: dotted key, type, default and what it does."""
+    if as_json:
+        print(json.dumps(Config.model_json_schema(by_alias=True), indent=2))
+        return
+    section = None
+    for key, type_name, default, description in schema_rows():
+        if key.split(".")[0] != section:
+            section = key.split(".")[0]
+            print(f"{'' if section == 'data' else chr(10)}[{section}]")
+        print(f"  {key}: {type_name} = {default}\n      {description}")
+
+
+@app.command("models")
+def models(as_json: Annotated[bool, typer.Option("--json", help="Print every field as JSON.")] = False) -> None:
+    """List the model registry: the CogVideoX checkpoints and the tiny local stand-ins."""
+    specs = list(REGISTRY.values())
+    if as_json:
+        rows = [dict(variant=s.key, hub_id=s.hub_id, source=s.default_source, task=s.task,
+                     version=s.generation, frames=s.frames, height=s.height, width=s.width,
+                     fps=s.fps, weights_dtype=s.weights_dtype, frame_rule=str(s.frame_rule),
+                     vae_scaling_factor=s.vae_scaling_factor,
+                     invert_scale_latents=s.invert_scale_latents,
+                     lora_target_modules=list(s.lora_target_modules), notes=s.notes)
+                for s in specs]
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table(title="cogvx model registry", caption="LoRA targets: "
+                  + ", ".join(sorted({", ".join(s.lora_target_modules) for s in specs}))
+                  + "; more fields: cogvx models --json")
+    for column in ("variant", "source", "task", "ver", "clip FxHxW", "fps", "dtype", "frames", "VAE scale"):
+        table.add_column(column, no_wrap=column in ("variant", "clip FxHxW"))
+    for s in specs:
+        scale = f"{s.vae_scaling_factor:g}" + (" (1/x)" if s.invert_scale_latents else "")
+        table.add_row(s.key, s.default_source, s.task, s.generation, f"{s.frames}x{s.height}x{s.width}",
+                      str(s.fps), s.weights_dtype, str(s.frame_rule), scale)
+    out.print(table)
+
+
+@app.command("make-tiny-model")
+def make_tiny_model(
+    overrides: OverridesArg = None, params: ParamsOption = None,
+    variant: Annotated[Optional[str], typer.Option(help=f"Tiny variant: {', '.join(TINY_VARIANTS)}; default: model.variant.")] = None,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Folder to write; default: model.path or models/<variant>.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace the folder if it exists.")] = False,
+) -> None:
+    """Build a tiny random-weight CogVideoX pipeline in the diffusers layout (no download)."""
+    if variant is not None:
+        overrides = [*(overrides or []), f"model.variant={variant}"]
+    config = resolve_config(params, overrides)
+    spec = config.spec
+    if not spec.tiny:
+        raise CogvxError(f"model.variant = {spec.key!r} is a full-size model; make-tiny-model builds "
+                         f"{', '.join(TINY_VARIANTS)}")
+    from cogvx.config import write_resolved_config
+    from cogvx.models.build import save_tiny_pipeline
+
+    target = out_dir or Path(config.model_source)
+    with err.status(f"building {spec.key} ..."):
+        save_tiny_pipeline(spec.key, target, seed=seed, overwrite=overwrite)
+    write_resolved_config(config, target)
+    out.print(f"wrote {spec.key} ({spec.task}, CogVideoX {spec.generation}) to {target}")
+
+
+@app.command("check")
+def check(overrides: OverridesArg = None, params: ParamsOption = None,
+          out_dir: Annotated[Path, typer.Option("--out", help="Folder for sample.mp4, report.json and the resolved config.")] = Path("outputs/check"),
+          steps: Annotated[int, typer.Option(min=1, help="Denoising steps.")] = 2) -> None:
+    """Load the configured base model and render a short clip, to prove the set-up end to end."""
+    config = resolve_config(params, overrides)
+    from cogvx.check import run_check
+
+    report = run_check(config, out_dir, steps=steps)
+    out.print_json(json.dumps(report))
+    out.print(f"wrote {out_dir}/sample.mp4")
+
+
+@app.command("doctor")
+def doctor() -> None:
+    """Report versions, the compute device and which optional parts are installed."""
+    from cogvx.doctor import collect_report
+
+    report = collect_report()
+    table = Table(title="cogvx doctor", show_header=False)
+    table.add_column("item")
+    table.add_column("value", overflow="fold")
+    for key, value in report.items():
+        table.add_row(key, str(value))
+    out.print(table)
+
+
+# Import-time chatter of optional back-ends (missing CUDA kernels on a CPU machine, deprecation
+# notices) that says nothing a cogvx user can act on; real errors from them still show.
+NOISY_LOGGERS = ("torchao", "bitsandbytes", "torch.utils._pytree")
+
+
+def quiet_third_party_logs() -> None:
+    import logging
+
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def main() -> None:
+    """Console-script entry point: user errors become one message and a non-zero exit code."""
+    quiet_third_party_logs()
+    try:
+        result = app(standalone_mode=False)
+    except CogvxError as error:
+        err.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
+        sys.exit(error.exit_code)
+    except click.ClickException as error:
+        error.show()
+        sys.exit(error.exit_code)
+    except click.exceptions.Abort:
+        err.print("aborted")
+        sys.exit(130)
+    sys.exit(result if isinstance(result, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,403 @@
+"""The one typed configuration of cogvx.
+
+Every setting is declared once here, with a default and a one-line description. params.yaml
+holds one section per stage (data, model, prepare, train, validate, tracking); the CLI, the DVC
+stages and the Prefect tasks all load it through :func:`load_config`, which merges dotted
+command-line overrides (``train.lora.rank=8``) before validation, so an impossible value is
+rejected before any work starts, with one message naming the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from cogvx.errors import ConfigError
+from cogvx.io import atomic_write_text
+from cogvx.registry import REGISTRY, get_spec, resolve_key
+
+RESOLVED_CONFIG_NAME = "cogvx-config.yaml"
+MAX_PARAMS_BYTES = 1 << 20
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _multiple_of_16(value: int | None) -> int | None:
+    if value is not None and value % 16 != 0:
+        raise ValueError(f"must be a multiple of 16 (e.g. {max(16, value // 16 * 16)} "
+                         f"or {(value // 16 + 1) * 16})")
+    return value
+
+
+class DataConfig(Section):
+    """Where the training clips are and the clip geometry they are decoded to."""
+
+    data_root: Path = Field(Path("data/synthetic"), description="Folder holding the clips and caption files; dataset paths are relative to it.")
+    format: Literal["auto", "txt", "csv", "json"] = Field("auto", description="Dataset layout: prompts.txt+videos.txt, CSV, JSON/JSONL, or auto-detect.")
+    caption_column: str = Field("caption", description="Caption column (CSV) or key (JSON) holding each clip's prompt.")
+    video_column: str = Field("video", description="Column or key holding each clip's path, relative to data_root.")
+    image_column: str = Field("image", description="Column or key of the optional first-frame image (image-to-video).")
+    frames: int | None = Field(None, ge=2, description="Frames per training clip; null takes the model's default (must follow its frame rule).")
+    height: int | None = Field(None, ge=16, description="Training height in pixels (multiple of 16); null takes the model's default.")
+    width: int | None = Field(None, ge=16, description="Training width in pixels (multiple of 16); null takes the model's default.")
+    fps: int | None = Field(None, ge=1, description="Frame rate clips are sampled at; null keeps the model's default.")
+
+    _check_size = field_validator("height", "width")(_multiple_of_16)
+
+
+class ModelConfig(Section):
+    """Which base model to fine-tune and how to load it."""
+
+    variant: str = Field("tiny-t2v", description="Registry key or hub id of the base model (see `cogvx models`).")
+    path: str | None = Field(None, description="Local folder or hub id to load instead of the variant's default source.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to load.")
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="Weights dtype; auto = the model's own dtype on GPU, fp32 on CPU.")
+    cache_dir: Path | None = Field(None, description="Hugging Face cache folder; null uses HF_HOME / the default cache.")
+
+    @field_validator("variant")
+    @classmethod
+    def _known_variant(cls, value: str) -> str:
+        key = resolve_key(value)
+        if key is None:
+            raise ValueError(f"unknown model; known variants: {', '.join(REGISTRY)}")
+        return key
+
+
+class PrepareConfig(Section):
+    """Precomputing latents and text embeddings once, before training."""
+
+    output_dir: Path = Field(Path("outputs/latents"), description="Folder the precomputed latents and embeddings are written to.")
+    batch_size: int = Field(1, ge=1, description="Clips encoded at once by the VAE.")
+    vae_tiling: bool = Field(False, description="Encode in spatial tiles to save memory (slower).")
+    vae_slicing: bool = Field(False, description="Encode a batch one clip at a time to save memory.")
+
+
+class LoraConfig(Section):
+    """LoRA adapter shape (peft)."""
+
+    rank: int = Field(64, ge=1, description="LoRA rank r (>= 1).")
+    alpha: float = Field(64.0, gt=0, description="LoRA alpha; the adapter is scaled by alpha / rank.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA branch, in [0, 1).")
+    target_modules: list[str] | None = Field(None, description="Module names to adapt; null takes the model's default (attention q/k/v/out).")
+    init: Literal["default", "gaussian", "pissa", "olora"] = Field("gaussian", description="peft init_lora_weights scheme.")
+
+
+class TrainConfig(Section):
+    """The fine-tuning run."""
+
+    method: Literal["lora", "full"] = Field("lora", description="LoRA adapters or full fine-tuning of the transformer.")
+    output_dir: Path = Field(Path("outputs/train"), description="Folder for checkpoints, the final weights and validation samples.")
+    seed: int = Field(42, ge=0, description="Seed of every random draw (data order, noise, timesteps).")
+    max_steps: int = Field(100, ge=1, description="Optimizer steps to train for.")
+    batch_size: int = Field(1, ge=1, description="Clips per step on each device.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches summed into one optimizer step.")
+    learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate.")
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"] = Field("constant_with_warmup", description="Learning-rate schedule (diffusers get_scheduler names).")
+    lr_warmup_steps: int = Field(0, ge=0, description="Steps of linear warm-up at the start.")
+    optimizer: Literal["adamw", "adam", "adamw8bit", "prodigy", "cpu_offload_adamw"] = Field("adamw", description="Optimizer; adamw8bit uses bitsandbytes, cpu_offload_adamw torchao (GPU only).")
+    weight_decay: float = Field(1e-4, ge=0, description="Decoupled weight decay.")
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="Adam beta1, in [0, 1).")
+    adam_beta2: float = Field(0.95, ge=0, lt=1, description="Adam beta2, in [0, 1).")
+    adam_epsilon: float = Field(1e-8, gt=0, description="Adam epsilon.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradients are clipped to this global norm.")
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field("auto", description="auto = bf16 on GPU, fp32 on CPU; fp16 is safe only for 2b.")
+    gradient_checkpointing: bool = Field(True, description="Recompute block activations in the backward pass to save memory.")
+    checkpointing_steps: int = Field(50, ge=1, description="Save a resumable checkpoint every N steps.")
+    checkpoints_total_limit: int | None = Field(3, ge=1, description="Keep at most this many checkpoints; null keeps all.")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapter settings (train.method = lora).")
+
+
+class ValidateConfig(Section):
+    """Sample videos rendered during and after training."""
+
+    prompts: list[str] = Field(default_factory=lambda: ["a red circle moving left to right on a blue background"], description="Prompts rendered as validation videos.")
+    every_n_steps: int = Field(0, ge=0, description="Render every N training steps; 0 renders only at the end.")
+    num_inference_steps: int = Field(50, ge=1, description="Denoising steps per sample.")
+    guidance_scale: float = Field(6.0, ge=0, description="Classifier-free guidance scale.")
+    frames: int | None = Field(None, ge=2, description="Frames per sample; null uses the training frames.")
+    height: int | None = Field(None, ge=16, description="Sample height (multiple of 16); null uses the training height.")
+    width: int | None = Field(None, ge=16, description="Sample width (multiple of 16); null uses the training width.")
+    fps: int | None = Field(None, ge=1, description="Frame rate of the written mp4; null uses the model's.")
+    seed: int = Field(0, ge=0, description="Seed of the sampling noise.")
+
+    _check_size = field_validator("height", "width")(_multiple_of_16)
+
+
+class TrackingConfig(Section):
+    """MLflow experiment tracking and model registry."""
+
+    enabled: bool = Field(True, description="Log runs to MLflow.")
+    tracking_uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI (server URL or sqlite:///file).")
+    experiment: str = Field("cogvx", min_length=1, description="MLflow experiment name.")
+    registered_model: str = Field("cogvx-lora", min_length=1, description="Registry name the trained weights are registered under.")
+
+
+class Config(Section):
+    """The whole configuration: one section per params.yaml section."""
+
+    data: DataConfig = Field(default_factory=DataConfig, description="Training data.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Base model.")
+    prepare: PrepareConfig = Field(default_factory=PrepareConfig, description="Latent precomputation.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Fine-tuning.")
+    validate_: ValidateConfig = Field(default_factory=ValidateConfig, alias="validate", description="Validation samples.")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking.")
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, YAML-ready dict with params.yaml's section names."""
+        return self.model_dump(mode="json", by_alias=True)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+    @property
+    def spec(self):
+        return get_spec(self.model.variant)
+
+    @property
+    def frames(self) -> int:
+        return self.data.frames or self.spec.frames
+
+    @property
+    def height(self) -> int:
+        return self.data.height or self.spec.height
+
+    @property
+    def width(self) -> int:
+        return self.data.width or self.spec.width
+
+    @property
+    def model_source(self) -> str:
+        """The folder or hub id the base model is loaded from."""
+        return self.model.path or self.spec.default_source
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """Safe YAML loader that refuses anchors/aliases (no 'billion laughs' expansion)."""
+
+    def compose_node(self, parent, index):  # noqa: ANN001 - PyYAML's signature
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise ConfigError(f"{mark.name}, line {mark.line + 1}: YAML aliases (*name) are not "
+                              "allowed in params files; write the value out")
+        return super().compose_node(parent, index)
+
+
+def read_params_file(path: str | Path) -> dict[str, Any]:
+    """Parse a params file into a dict, with a clear ConfigError for every way it can be bad."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"params file {str(path)!r} not found (pass --params PATH, or run from "
+                          "the project folder that holds params.yaml)")
+    raw = path.read_bytes()
+    if len(raw) > MAX_PARAMS_BYTES:
+        raise ConfigError(f"{path}: {len(raw)} bytes; a params file may be at most {MAX_PARAMS_BYTES}")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {raw[err.start]:#04x} at offset {err.start})") from None
+    loader = _NoAliasLoader(text)
+    loader.name = str(path)
+    try:
+        data = loader.get_single_data()
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    finally:
+        loader.dispose()
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections "
+                          f"({', '.join(_section_names())}), got {type(data).__name__}")
+    return data
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``key.sub=value`` into its key path and a YAML-typed value."""
+    key, sep, value = text.partition("=")
+    parts = key.strip().split(".")
+    if not sep or not all(part.strip() for part in parts):
+        raise ConfigError(f"override {text!r} is not of the form section.key=value "
+                          "(e.g. train.lora.rank=8)")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value
+    return [part.strip() for part in parts], parsed
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Return a copy of ``data`` with each dotted override set (sections created as needed)."""
+    merged = _deep_copy(data)
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = merged
+        for depth, key in enumerate(keys[:-1]):
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):
+                prefix = ".".join(keys[: depth + 1])
+                raise ConfigError(f"override {text!r}: {prefix} is a value ({child!r}), not a section")
+            node = child
+        node[keys[-1]] = value
+    return merged
+
+
+def _deep_copy(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {key: _deep_copy(value) for key, value in data.items()}
+    if isinstance(data, list):
+        return [_deep_copy(value) for value in data]
+    return data
+
+
+def build_config(data: dict[str, Any], source: str = "config") -> Config:
+    """Validate a raw dict into a :class:`Config`; every problem reported in one ConfigError."""
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as err:
+        problems = [_describe_error(e) for e in err.errors()]
+        problems += _frame_problems(_raw_get(data, "model", "variant", default="tiny-t2v"), {
+            key: _raw_get(data, *key.split("."), default=None) for key in FRAME_KEYS})
+        raise ConfigError(_format_problems(source, problems)) from None
+    problems = check_consistency(config)
+    if problems:
+        raise ConfigError(_format_problems(source, problems))
+    return config
+
+
+def load_config(params: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Read ``params`` (or the built-in defaults when None), apply overrides, validate."""
+    data = read_params_file(params) if params is not None else {}
+    source = str(params) if params is not None else "defaults"
+    if overrides:
+        source += f" + {len(overrides)} override{'s' if len(overrides) > 1 else ''}"
+    return build_config(apply_overrides(data, overrides), source)
+
+
+FRAME_KEYS = ("data.frames", "validate.frames")
+
+
+def check_consistency(config: Config) -> list[str]:
+    """Checks that span several fields (frame rules depend on the chosen model)."""
+    return _frame_problems(config.model.variant, {
+        "data.frames": config.data.frames, "validate.frames": config.validate_.frames})
+
+
+def _frame_problems(variant: Any, frames_by_key: dict[str, Any]) -> list[str]:
+    """Frame counts that break the variant's frame rule (4k+1 or 16N+1)."""
+    key = resolve_key(variant) if isinstance(variant, str) else None
+    if key is None:
+        return []
+    spec = REGISTRY[key]
+    problems = []
+    for name, frames in frames_by_key.items():
+        if isinstance(frames, int) and frames >= 2 and not spec.frame_rule.accepts(frames):
+            nearest = " or ".join(str(v) for v in spec.frame_rule.nearest(frames))
+            problems.append(f"{name} = {frames}: {spec.key} needs {spec.frame_rule} frames "
+                            f"(e.g. {nearest})")
+    return problems
+
+
+def _raw_get(data: Any, *keys: str, default: Any) -> Any:
+    for key in keys:
+        if not isinstance(data, dict) or key not in data:
+            return default
+        data = data[key]
+    return data
+
+
+def _format_problems(source: str, problems: list[str]) -> str:
+    noun = "problem" if len(problems) == 1 else "problems"
+    lines = "\n".join(f"  - {problem}" for problem in problems)
+    return f"invalid configuration ({source}), {len(problems)} {noun}:\n{lines}"
+
+
+def _describe_error(error: dict[str, Any]) -> str:
+    """One line for one pydantic error: dotted key, the value given, and what is allowed."""
+    loc = [str(part) for part in error["loc"] if not str(part).startswith("function-")]
+    loc = ["validate" if part == "validate_" else part for part in loc]
+    key = ".".join(loc) or "(top level)"
+    value = _short_repr(error.get("input"))
+    if error["type"] == "extra_forbidden":
+        return f"{key} = {value}: unknown key; {_allowed_keys_hint(loc)}"
+    message = error["msg"]
+    for prefix in ("Value error, ", "Assertion failed, "):
+        message = message.removeprefix(prefix)
+    return f"{key} = {value}: {message}"
+
+
+def _allowed_keys_hint(loc: list[str]) -> str:
+    """'did you mean x?' plus the keys that section accepts."""
+    model: type[BaseModel] = Config
+    for part in loc[:-1]:
+        field = _field_by_name(model, part)
+        annotation = field.annotation if field is not None else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return "check the spelling"
+        model = annotation
+    names = [f.alias or name for name, f in model.model_fields.items()]
+    close = difflib.get_close_matches(loc[-1], names, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    section = ".".join(loc[:-1]) or "the top level"
+    return f"{hint}{section} accepts: {', '.join(names)}"
+
+
+def _field_by_name(model: type[BaseModel], name: str):
+    for field_name, field in model.model_fields.items():
+        if name in (field_name, field.alias):
+            return field
+    return None
+
+
+def _short_repr(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _section_names() -> list[str]:
+    return [field.alias or name for name, field in Config.model_fields.items()]
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def write_resolved_config(config: Config, directory: str | Path) -> Path:
+    """Write the resolved config next to the outputs it produced (atomically)."""
+    header = "# Resolved cogvx configuration that produced the files in this folder.\n"
+    return atomic_write_text(Path(directory) / RESOLVED_CONFIG_NAME, header + config.to_yaml())
+
+
+def schema_rows(model: type[BaseModel] = Config, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(dotted key, type, default, description) for every leaf field, in declaration order."""
+    rows: list[tuple[str, str, str, str]] = []
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{field.alias or name}"
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            rows.extend(schema_rows(annotation, prefix=f"{key}."))
+            continue
+        default = field.get_default(call_default_factory=True)
+        rows.append((key, _type_name(annotation), _short_repr(_plain(default), 50),
+                     field.description or ""))
+    return rows
+
+
+def _type_name(annotation: Any) -> str:
+    text = str(annotation).replace("typing.", "").replace("pathlib._local.", "").replace("pathlib.", "")
+    return text.replace("<class '", "").replace("'>", "")
+
+
+def _plain(value: Any) -> Any:
+    return str(value) if isinstance(value, Path) else value

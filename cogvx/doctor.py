@@ -1,0 +1,70 @@
+"""`cogvx doctor`: what this machine offers cogvx (versions, device, optional parts)."""
+
+from __future__ import annotations
+
+import os
+import platform
+from importlib import metadata, util
+
+from cogvx import __version__
+
+CORE_PACKAGES = ("torch", "diffusers", "transformers", "accelerate", "peft", "huggingface_hub",
+                 "safetensors", "pydantic")
+OPTIONAL_PARTS = {
+    "decord": "video decoding (data)",
+    "imageio-ffmpeg": "mp4 writing",
+    "bitsandbytes": "8-bit optimizers",
+    "torchao": "CPU-offload optimizer, fp8",
+    "prodigyopt": "Prodigy optimizer",
+    "prefect": "workflow orchestration",
+    "mlflow": "experiment tracking",
+    "dvc": "data and pipeline versioning",
+}
+
+
+def package_version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def device_report() -> dict[str, str]:
+    """CPU or CUDA, with each GPU's name and memory."""
+    import torch
+
+    report = {"torch build": f"{torch.__version__} (CUDA {torch.version.cuda or 'none'})"}
+    if not torch.cuda.is_available():
+        report["device"] = f"CPU only ({os.cpu_count()} cores); training runs in fp32, slowly"
+        return report
+    for index in range(torch.cuda.device_count()):
+        props = torch.cuda.get_device_properties(index)
+        report[f"cuda:{index}"] = f"{props.name}, {props.total_memory / 2**30:.1f} GiB"
+    report["bf16"] = str(torch.cuda.is_bf16_supported())
+    return report
+
+
+def hub_report() -> str:
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "offline (HF_HUB_OFFLINE set): only local folders and the cache"
+    from cogvx.models.loader import hub_reachable
+
+    reachable = hub_reachable()
+    return f"{constants.ENDPOINT} {'reachable' if reachable else 'NOT reachable: use local folders or cogvx make-tiny-model'}"
+
+
+def collect_report() -> dict[str, str]:
+    """Everything doctor prints, as ordered key/value pairs."""
+    report = {"cogvx": __version__, "python": platform.python_version(),
+              "platform": platform.platform(terse=True)}
+    for name in CORE_PACKAGES:
+        report[name] = package_version(name) or "MISSING (required)"
+    report.update(device_report())
+    for name, purpose in OPTIONAL_PARTS.items():
+        version = package_version(name)
+        installed = version if version and util.find_spec(name.replace("-", "_")) else None
+        report[name] = f"{installed}  ({purpose})" if installed else f"not installed ({purpose})"
+    report["hub"] = hub_report()
+    return report

@@ -1,0 +1,72 @@
+"""Rendering videos with a loaded CogVideoX pipeline and writing them as mp4."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from cogvx.io import default_file_mode
+
+
+def pick_device() -> torch.device:
+    """The first CUDA device when there is one, else the CPU."""
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def prepare_for_device(pipe, device: torch.device) -> None:
+    """CPU: keep everything on the CPU. GPU: model CPU offload and VAE tiling, so rendering needs
+    one component's memory at a time instead of all of them."""
+    if device.type == "cuda":
+        pipe.enable_model_cpu_offload(device=device)
+        pipe.vae.enable_tiling()
+        pipe.vae.enable_slicing()
+    else:
+        pipe.to(device)
+
+
+def placeholder_image(height: int, width: int) -> Image.Image:
+    """A smooth colour gradient used as the first frame when an image-to-video check has no image."""
+    ys = np.linspace(0, 255, height, dtype=np.float32)[:, None]
+    xs = np.linspace(0, 255, width, dtype=np.float32)[None, :]
+    rgb = np.stack([np.broadcast_to(xs, (height, width)), np.broadcast_to(ys, (height, width)),
+                    np.full((height, width), 128, np.float32)], axis=-1)  # [H, W, 3]
+    return Image.fromarray(rgb.astype(np.uint8))
+
+
+def render(pipe, prompt: str, *, frames: int, height: int, width: int, steps: int,
+           guidance_scale: float, seed: int, image: Image.Image | None = None) -> np.ndarray:
+    """Sample one video; returns uint8 frames shaped [F, H, W, 3]."""
+    kwargs = dict(prompt=prompt, num_frames=frames, height=height, width=width,
+                  num_inference_steps=steps, guidance_scale=guidance_scale,
+                  generator=torch.Generator("cpu").manual_seed(seed), output_type="np")
+    if "image" in pipe.__call__.__code__.co_varnames:
+        kwargs["image"] = image if image is not None else placeholder_image(height, width)
+    with torch.inference_mode():
+        video = pipe(**kwargs).frames[0]  # [F, H, W, 3] floats in [0, 1]
+    return (np.clip(video, 0.0, 1.0) * 255).round().astype(np.uint8)
+
+
+def write_video(frames: np.ndarray, path: str | Path, fps: int) -> Path:
+    """Write [F, H, W, 3] uint8 frames as an H.264 mp4, atomically (temp file + rename)."""
+    import imageio.v2 as imageio
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".mp4", dir=path.parent)
+    os.close(fd)
+    try:
+        with imageio.get_writer(tmp, format="FFMPEG", mode="I", fps=fps, codec="libx264",
+                                quality=8, macro_block_size=1, ffmpeg_log_level="error") as writer:
+            for frame in frames:
+                writer.append_data(frame)
+        os.chmod(tmp, default_file_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,1 @@
+"""Model building (tiny and real-size random weights) and loading (hub id or local folder)."""
