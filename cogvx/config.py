@@ -338,6 +338,16 @@ def _describe_error(error: dict[str, Any]) -> str:
     return f"{key} = {value}: {message}"
 
 
+# Names users bring from other trainers' flags, mapped to ours for "did you mean" hints.
+FLAG_ALIASES = {
+    "lr": "learning_rate", "max_train_steps": "max_steps", "steps": "max_steps",
+    "train_batch_size": "batch_size", "rank": "lora.rank", "lora_rank": "lora.rank",
+    "lora_alpha": "lora.alpha", "alpha": "lora.alpha", "gradient_accumulation": "gradient_accumulation_steps",
+    "num_frames": "frames", "max_num_frames": "frames", "validation_steps": "every_n_steps",
+    "validation_prompt": "prompts", "pretrained_model_name_or_path": "path",
+}
+
+
 def _allowed_keys_hint(loc: list[str]) -> str:
     """'did you mean x?' plus the keys that section accepts."""
     model: type[BaseModel] = Config
@@ -348,7 +358,8 @@ def _allowed_keys_hint(loc: list[str]) -> str:
             return "check the spelling"
         model = annotation
     names = [f.alias or name for name, f in model.model_fields.items()]
-    close = difflib.get_close_matches(loc[-1], names, n=1)
+    alias = FLAG_ALIASES.get(loc[-1])
+    close = [alias] if alias and alias.split(".")[0] in names else difflib.get_close_matches(loc[-1], names, n=1)
     hint = f"did you mean {close[0]!r}? " if close else ""
     section = ".".join(loc[:-1]) or "the top level"
     return f"{hint}{section} accepts: {', '.join(names)}"

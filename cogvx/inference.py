@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import tempfile
 from pathlib import Path
@@ -44,7 +45,7 @@ def render(pipe, prompt: str, *, frames: int, height: int, width: int, steps: in
     kwargs = dict(prompt=prompt, num_frames=frames, height=height, width=width,
                   num_inference_steps=steps, guidance_scale=guidance_scale,
                   generator=torch.Generator("cpu").manual_seed(seed), output_type="np")
-    if "image" in pipe.__call__.__code__.co_varnames:
+    if "image" in inspect.signature(pipe.__call__).parameters:
         kwargs["image"] = image if image is not None else placeholder_image(height, width)
     with torch.inference_mode():
         video = pipe(**kwargs).frames[0]  # [F, H, W, 3] floats in [0, 1]

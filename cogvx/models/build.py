@@ -102,10 +102,21 @@ def save_tiny_pipeline(variant: str, out: str | Path, seed: int = 0, overwrite: 
 
 
 def _cast(model, dtype: torch.dtype, device: str | torch.device | None):
-    """Cast to ``dtype`` unless the model is on the meta device or already fp32 (the build dtype)."""
-    if device == "meta" or dtype == torch.float32:
+    """Cast parameters and buffers to ``dtype`` (some buffers are built in float64).
+
+    diffusers warns on every ``.to(dtype)`` of a model that has no fp32-only modules; that
+    warning does not apply to a freshly built model, so it is silenced for this call only.
+    """
+    if device == "meta":
         return model
-    return model.to(dtype=dtype)
+    from diffusers.utils import logging as diffusers_logging
+
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        return model.to(dtype=dtype)
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
 
 
 def _device_context(device: str | torch.device | None):
