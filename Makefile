@@ -10,6 +10,7 @@ PIP := $(BIN)/python -m pip
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export HF_HUB_DISABLE_TELEMETRY ?= 1
 export DO_NOT_TRACK ?= 1
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
 .PHONY: help install install-test run test lint clean
 

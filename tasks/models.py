@@ -1,0 +1,47 @@
+"""Prefect tasks for the base model: build the tiny one locally, check that it renders.
+
+Each task loads the config itself from ``params`` + ``overrides`` (plain strings, cheap to pass
+and to record as task parameters) and calls one library function; all logic stays in cogvx.
+Heavy modules (torch, diffusers) are imported inside the tasks so importing the flow is fast.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+
+from cogvx.config import load_config, write_resolved_config
+
+MODEL_INDEX = "model_index.json"
+
+
+@task(name="build-base-model", retries=0)
+def build_base_model(params: str | None, overrides: list[str]) -> str:
+    """Return the folder or hub id of the base model, building the tiny model if it is missing.
+
+    A tiny variant is built once (random weights, deterministic) into ``config.model_source``
+    with its resolved config beside it; an existing folder with a model_index.json is reused,
+    so re-running the flow does not rebuild. A full-size variant is returned as configured; its
+    weights are fetched by the download task. No retries: the work is local and deterministic.
+    """
+    config = load_config(params, overrides)
+    folder = config.model_source
+    if config.spec.tiny and not (Path(folder) / MODEL_INDEX).is_file():
+        from cogvx.models.build import save_tiny_pipeline
+
+        save_tiny_pipeline(config.spec.key, folder, overwrite=True)
+        write_resolved_config(config, folder)
+    return str(folder)
+
+
+@task(name="check-model", retries=1)
+def check_model(params: str | None, overrides: list[str], out_dir: str) -> dict[str, Any]:
+    """Load the base model and render a short clip into ``out_dir``; return the check report.
+
+    One retry covers a transient failure (e.g. a flaky hub download while loading).
+    """
+    from cogvx.check import run_check
+
+    return run_check(load_config(params, overrides), out_dir)
