@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import inspect
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from cogvx.io import default_file_mode
+from cogvx.io import atomic_file
 
 
 def pick_device() -> torch.device:
@@ -56,18 +54,9 @@ def write_video(frames: np.ndarray, path: str | Path, fps: int) -> Path:
     """Write [F, H, W, 3] uint8 frames as an H.264 mp4, atomically (temp file + rename)."""
     import imageio.v2 as imageio
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".mp4", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_file(path, suffix=".mp4") as tmp:
         with imageio.get_writer(tmp, format="FFMPEG", mode="I", fps=fps, codec="libx264",
                                 quality=8, macro_block_size=1, ffmpeg_log_level="error") as writer:
             for frame in frames:
                 writer.append_data(frame)
-        os.chmod(tmp, default_file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return Path(path)

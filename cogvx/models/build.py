@@ -8,8 +8,6 @@ the target device, for memory and speed measurements where nothing can be downlo
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,7 @@ from diffusers import (
 from transformers import T5Config, T5EncoderModel
 
 from cogvx.errors import CogvxError
+from cogvx.io import atomic_directory
 from cogvx.models import architectures as arch
 from cogvx.models.tokenizer import train_t5_tokenizer
 from cogvx.registry import ModelSpec, get_spec
@@ -88,16 +87,8 @@ def save_tiny_pipeline(variant: str, out: str | Path, seed: int = 0, overwrite: 
     if out.exists() and not overwrite:
         raise CogvxError(f"{out} already exists; pass --overwrite to replace it")
     pipe = build_pipeline(variant, seed=seed)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(out) as staging:
         pipe.save_pretrained(staging, safe_serialization=True)
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out
 
 

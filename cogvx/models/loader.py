@@ -104,13 +104,12 @@ def _check_model_folder(path: Path) -> Path:
 
 def _hub_snapshot(repo_id: str, revision: str | None, cache_dir: str | Path | None) -> Path:
     from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.errors import HfHubHTTPError
 
     kwargs: dict[str, Any] = dict(revision=revision, cache_dir=str(cache_dir) if cache_dir else None)
-    try:
-        return Path(snapshot_download(repo_id, local_files_only=True, **kwargs))
-    except LocalEntryNotFoundError:
-        pass
+    cached = _cached_snapshot(repo_id, kwargs)
+    if cached is not None:
+        return cached
     if constants.HF_HUB_OFFLINE:
         raise ModelNotAvailableError(_missing_weights_message(
             repo_id, "no such local folder, not in the hub cache, and HF_HUB_OFFLINE is set"))
@@ -123,6 +122,17 @@ def _hub_snapshot(repo_id: str, revision: str | None, cache_dir: str | Path | No
     except (HfHubHTTPError, OSError) as err:
         raise ModelNotAvailableError(_missing_weights_message(
             repo_id, f"download failed ({type(err).__name__}: {str(err).splitlines()[0]})")) from None
+
+
+def _cached_snapshot(repo_id: str, kwargs: dict[str, Any]) -> Path | None:
+    """The snapshot folder in the Hugging Face cache, or None when it is not cached."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True, **kwargs))
+    except LocalEntryNotFoundError:
+        return None
 
 
 def read_model_index(folder: Path) -> dict[str, Any]:
