@@ -38,19 +38,45 @@ def _multiple_of_16(value: int | None) -> int | None:
 
 
 class DataConfig(Section):
-    """Where the training clips are and the clip geometry they are decoded to."""
+    """Where the training clips come from, how they are listed, and how they are decoded."""
 
-    data_root: Path = Field(Path("data/synthetic"), description="Folder holding the clips and caption files; dataset paths are relative to it.")
+    source: str = Field("synthetic", description="What `cogvx data download` fetches into data_root: 'synthetic' clips, a hub dataset id, a local folder or a .zip/.tar archive.")
+    revision: str | None = Field(None, description="Hub dataset revision (branch, tag or commit) when source is a hub id.")
+    data_root: Path = Field(Path("data/raw"), description="Folder holding the clips and caption files; dataset paths are relative to it.")
     format: Literal["auto", "txt", "csv", "json"] = Field("auto", description="Dataset layout: prompts.txt+videos.txt, CSV, JSON/JSONL, or auto-detect.")
+    prompts_file: str = Field("prompts.txt", description="txt layout: file with one caption per line, relative to data_root.")
+    videos_file: str = Field("videos.txt", description="txt layout: file with one clip path per line, relative to data_root.")
+    images_file: str = Field("images.txt", description="txt layout: optional file with one first-frame image per line (image-to-video).")
+    metadata_file: str | None = Field(None, description="CSV/JSON/JSONL file listing the samples; null finds metadata.csv/.json/.jsonl in data_root.")
     caption_column: str = Field("caption", description="Caption column (CSV) or key (JSON) holding each clip's prompt.")
     video_column: str = Field("video", description="Column or key holding each clip's path, relative to data_root.")
     image_column: str = Field("image", description="Column or key of the optional first-frame image (image-to-video).")
     frames: int | None = Field(None, ge=2, description="Frames per training clip; null takes the model's default (must follow its frame rule).")
     height: int | None = Field(None, ge=16, description="Training height in pixels (multiple of 16); null takes the model's default.")
     width: int | None = Field(None, ge=16, description="Training width in pixels (multiple of 16); null takes the model's default.")
-    fps: int | None = Field(None, ge=1, description="Frame rate clips are sampled at; null keeps the model's default.")
+    buckets: list[tuple[int, int, int]] | None = Field(None, description="Resolution buckets as [frames, height, width] lists; null is the single bucket frames x height x width.")
+    fps: int | None = Field(None, ge=1, description="Frame rate clips are sampled at; null keeps each clip's own rate.")
+    skip_frames_start: int = Field(0, ge=0, description="Frames dropped from the start of every clip (intros, fades).")
+    skip_frames_end: int = Field(0, ge=0, description="Frames dropped from the end of every clip.")
+    resize_mode: Literal["center_crop", "random_crop", "resize"] = Field("center_crop", description="Fit clips to the bucket: scale to cover then crop centred or at random, or stretch.")
+    random_flip: float = Field(0.0, ge=0.0, le=1.0, description="Probability of flipping a clip horizontally, in [0, 1].")
+    skip_invalid: bool = Field(False, description="Drop invalid samples (with a report) instead of stopping on them.")
+    synthetic_clips: int = Field(12, ge=1, description="Clips made when source is 'synthetic'.")
+    seed: int = Field(0, ge=0, description="Seed of synthetic clips and of random crops and flips.")
 
     _check_size = field_validator("height", "width")(_multiple_of_16)
+
+    @field_validator("buckets")
+    @classmethod
+    def _check_buckets(cls, value: list[tuple[int, int, int]] | None) -> list[tuple[int, int, int]] | None:
+        if value is not None:
+            if not value:
+                raise ValueError("must list at least one [frames, height, width] bucket, or be null")
+            for frames, height, width in value:
+                if frames < 2 or height < 16 or width < 16 or height % 16 or width % 16:
+                    raise ValueError(f"bucket [{frames}, {height}, {width}]: frames must be >= 2, "
+                                     "height and width multiples of 16")
+        return value
 
 
 class ModelConfig(Section):
@@ -74,8 +100,10 @@ class ModelConfig(Section):
 class PrepareConfig(Section):
     """Precomputing latents and text embeddings once, before training."""
 
-    output_dir: Path = Field(Path("outputs/latents"), description="Folder the precomputed latents and embeddings are written to.")
-    batch_size: int = Field(1, ge=1, description="Clips encoded at once by the VAE.")
+    output_dir: Path = Field(Path("data/latents"), description="Folder the precomputed latents, embeddings and manifest are written to.")
+    batch_size: int = Field(1, ge=1, description="Clips encoded at once by the VAE (within one bucket).")
+    num_workers: int = Field(2, ge=0, description="DataLoader workers decoding clips while the VAE encodes; 0 decodes in the main process.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to encode; auto = cuda when available.")
     vae_tiling: bool = Field(False, description="Encode in spatial tiles to save memory (slower).")
     vae_slicing: bool = Field(False, description="Encode a batch one clip at a time to save memory.")
 
@@ -174,6 +202,15 @@ class Config(Section):
     @property
     def width(self) -> int:
         return self.data.width or self.spec.width
+
+    @property
+    def buckets(self):
+        """The resolution buckets to train at: data.buckets, or the single configured shape."""
+        from cogvx.data.buckets import Bucket
+
+        if self.data.buckets:
+            return [Bucket(*bucket) for bucket in self.data.buckets]
+        return [Bucket(self.frames, self.height, self.width)]
 
     @property
     def model_source(self) -> str:
@@ -291,8 +328,10 @@ FRAME_KEYS = ("data.frames", "validate.frames")
 
 def check_consistency(config: Config) -> list[str]:
     """Checks that span several fields (frame rules depend on the chosen model)."""
-    return _frame_problems(config.model.variant, {
-        "data.frames": config.data.frames, "validate.frames": config.validate_.frames})
+    frames = {"data.frames": config.data.frames, "validate.frames": config.validate_.frames}
+    for index, bucket in enumerate(config.data.buckets or []):
+        frames[f"data.buckets[{index}] frames"] = bucket[0]
+    return _frame_problems(config.model.variant, frames)
 
 
 def _frame_problems(variant: Any, frames_by_key: dict[str, Any]) -> list[str]:

@@ -1,0 +1,1 @@
+"""Data: dataset formats and validation, video decoding, buckets, synthetic clips, download."""
