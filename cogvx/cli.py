@@ -32,6 +32,8 @@ app = typer.Typer(
 config_app = typer.Typer(help="Show the resolved configuration or its documented fields.",
                          no_args_is_help=True)
 app.add_typer(config_app, name="config")
+data_app = typer.Typer(help="Get, make and validate training data sets.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
 
 # Piped output gets a wide table instead of rich's 80-column default.
 out = Console(width=None if sys.stdout.isatty() else 160)
@@ -153,6 +155,77 @@ def check(overrides: OverridesArg = None, params: ParamsOption = None,
     report = run_check(config, out_dir, steps=steps)
     out.print_json(json.dumps(report))
     out.print(f"wrote {out_dir}/sample.mp4")
+
+
+SkipInvalidOption = Annotated[bool, typer.Option(
+    "--skip-invalid", help="Drop invalid samples (with a JSON report) instead of stopping; same as data.skip_invalid=true.")]
+
+
+def _with_skip_invalid(overrides: Optional[list[str]], skip_invalid: bool) -> list[str]:
+    return [*(overrides or []), *(["data.skip_invalid=true"] if skip_invalid else [])]
+
+
+@data_app.command("validate")
+def data_validate(
+    overrides: OverridesArg = None, params: ParamsOption = None, skip_invalid: SkipInvalidOption = False,
+    report: Annotated[Optional[Path], typer.Option(help="Where --skip-invalid writes its JSON report of dropped samples.")] = None,
+) -> None:
+    """Check every sample of the data set (files, captions, clips) and report all problems at once."""
+    config = resolve_config(params, _with_skip_invalid(overrides, skip_invalid))
+    from cogvx.data.dataset import apply_policy, validate_dataset
+
+    with err.status(f"validating {config.data.data_root} ..."):
+        result = validate_dataset(config.data, min_frames=min(b.frames for b in config.buckets))
+    kept = apply_policy(result, config.data.skip_invalid, report)
+    dropped = len(result.samples) - len(kept)
+    note = f", dropped {dropped} (report: {report})" if dropped and report else (f", dropped {dropped}" if dropped else "")
+    out.print(f"{len(kept)} valid samples in {config.data.data_root}{note}")
+
+
+@data_app.command("synthetic")
+def data_synthetic(
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder to write (prompts.txt, videos.txt, videos/).")],
+    n: Annotated[int, typer.Option("--n", min=1, help="Number of clips.")] = 12,
+    seed: Annotated[int, typer.Option(help="Seed of shapes, colours and motions.")] = 0,
+    fps: Annotated[int, typer.Option(min=1, help="Frame rate of the clips.")] = 8,
+) -> None:
+    """Make short synthetic clips (moving coloured shapes) with matching captions."""
+    from cogvx.data.synthetic import make_synthetic_dataset
+
+    with err.status(f"writing {n} clips ..."):
+        make_synthetic_dataset(out_dir, n, seed=seed, fps=fps)
+    out.print(f"wrote {n} clips with captions to {out_dir}")
+
+
+@data_app.command("download")
+def data_download(overrides: OverridesArg = None, params: ParamsOption = None) -> None:
+    """Fetch data.source into data.data_root: synthetic clips, a hub dataset, a folder or an archive."""
+    config = resolve_config(params, overrides)
+    from cogvx.data.download import fetch_dataset
+
+    data = config.data
+    root = fetch_dataset(data.source, data.data_root, revision=data.revision,
+                         synthetic_clips=data.synthetic_clips, seed=data.seed)
+    out.print(f"data set from {data.source} is in {root}")
+
+
+@app.command("prepare")
+def prepare(
+    overrides: OverridesArg = None, params: ParamsOption = None, skip_invalid: SkipInvalidOption = False,
+    prune: Annotated[bool, typer.Option(help="Delete latent files the new manifest no longer uses.")] = False,
+    summary: Annotated[Optional[Path], typer.Option(help="Also write the run summary (JSON) here.")] = None,
+) -> None:
+    """Validate the data, then encode clips (VAE) and captions (T5) into latents + a manifest."""
+    config = resolve_config(params, _with_skip_invalid(overrides, skip_invalid))
+    from cogvx.io import atomic_write_text
+    from cogvx.prepare import run_prepare
+
+    result = run_prepare(config, prune=prune, log=out.print)
+    text = json.dumps(result.as_dict(), indent=2)
+    if summary is not None:
+        atomic_write_text(summary, text + "\n")
+    out.print_json(text)
+    out.print(f"latents and manifest in {config.prepare.output_dir}")
 
 
 @app.command("doctor")

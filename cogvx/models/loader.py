@@ -13,6 +13,7 @@ import os
 import socket
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 from urllib.parse import urlparse
 
@@ -151,16 +152,20 @@ def read_model_index(folder: Path) -> dict[str, Any]:
 
 
 def load_pipeline(source: str, spec: ModelSpec, dtype: torch.dtype = torch.float32,
-                  revision: str | None = None, cache_dir: str | Path | None = None):
-    """The full diffusers pipeline at ``source``, checked against ``spec``."""
+                  revision: str | None = None, cache_dir: str | Path | None = None,
+                  skip: tuple[str, ...] = ()):
+    """The diffusers pipeline at ``source``, checked against ``spec`` before any weight loads.
+
+    ``skip`` names components not to load (e.g. ``("transformer",)`` for encoding, which needs
+    only the VAE and the text encoder); they are None in the returned pipeline.
+    """
     import diffusers
 
     folder = resolve_source(source, revision, cache_dir, spec)
     index = read_model_index(folder)
+    check_matches_spec(read_transformer_config(folder), spec, source)
     pipeline_cls = getattr(diffusers, index["_class_name"])
-    pipe = pipeline_cls.from_pretrained(folder, dtype=dtype)
-    check_matches_spec(pipe.transformer.config, spec, source)
-    return pipe
+    return pipeline_cls.from_pretrained(folder, dtype=dtype, **{name: None for name in skip})
 
 
 def load_transformer(source: str, spec: ModelSpec, dtype: torch.dtype = torch.float32,
@@ -169,10 +174,21 @@ def load_transformer(source: str, spec: ModelSpec, dtype: torch.dtype = torch.fl
     from diffusers import CogVideoXTransformer3DModel
 
     folder = resolve_source(source, revision, cache_dir, spec)
+    check_matches_spec(read_transformer_config(folder), spec, source)
     subfolder = "transformer" if (folder / "transformer").is_dir() else None
-    model = CogVideoXTransformer3DModel.from_pretrained(folder, subfolder=subfolder, dtype=dtype)
-    check_matches_spec(model.config, spec, source)
-    return model
+    return CogVideoXTransformer3DModel.from_pretrained(folder, subfolder=subfolder, dtype=dtype)
+
+
+def read_transformer_config(folder: Path) -> SimpleNamespace:
+    """The transformer's config.json (of a pipeline folder or a bare transformer folder)."""
+    config_file = folder / "transformer" / "config.json"
+    if not config_file.is_file():
+        config_file = folder / "config.json"
+    try:
+        data = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelNotAvailableError(f"cannot read the transformer config {config_file}: {err}") from None
+    return SimpleNamespace(**{"patch_size_t": None, **data})
 
 
 def check_matches_spec(config: Any, spec: ModelSpec, source: str) -> None:

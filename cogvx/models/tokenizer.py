@@ -20,19 +20,19 @@ MAX_TEXT_TOKENS = 226
 EXTRA_IDS = 100
 SPECIAL = ("<pad>", "</s>", "<unk>")
 
-_COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "black", "pink", "cyan")
-_SHAPES = ("circle", "square", "triangle", "star", "ball", "box", "ring", "cube", "dot", "stripe")
-_MOTIONS = ("moving left to right", "moving right to left", "bouncing", "spinning slowly",
-            "falling down", "rising up", "growing", "shrinking", "drifting", "zooming in")
-_SCENES = ("on a plain background", "across a sunny meadow", "in a dark room", "over the ocean",
-           "through a forest", "under a cloudy sky", "on a city street", "in a cartoon style",
-           "with soft lighting", "in slow motion")
+COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "black", "pink", "cyan")
+SHAPES = ("circle", "square", "triangle", "star", "ball", "box", "ring", "cube", "dot", "stripe")
+MOTIONS = ("moving left to right", "moving right to left", "bouncing", "spinning slowly",
+           "falling down", "rising up", "growing", "shrinking", "drifting", "zooming in")
+SCENES = ("on a plain background", "across a sunny meadow", "in a dark room", "over the ocean",
+          "through a forest", "under a cloudy sky", "on a city street", "in a cartoon style",
+          "with soft lighting", "in slow motion")
 
 
 def caption_corpus(lines: int = 600, seed: int = 0) -> list[str]:
     """Deterministic caption-like sentences covering the synthetic clips' vocabulary."""
     rng = random.Random(seed)
-    combos = list(itertools.product(_COLOURS, _SHAPES, _MOTIONS, _SCENES))
+    combos = list(itertools.product(COLOURS, SHAPES, MOTIONS, SCENES))
     rng.shuffle(combos)
     starts = ("A", "The", "One", "Two", "Several")
     return [f"{rng.choice(starts)} {colour} {shape} {motion} {scene}."

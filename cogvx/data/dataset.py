@@ -1,0 +1,501 @@
+"""Reading and validating a training data set, before any model is loaded.
+
+A data set is a folder (``data.data_root``) holding clips and a listing of them, in one of three
+layouts: ``prompts.txt`` + ``videos.txt`` (+ optional ``images.txt``), a CSV file, or a JSON list /
+JSONL file. :func:`read_samples` parses the listing, :func:`validate_dataset` checks every clip
+(inside data_root, present, non-empty, decodable, long enough) and collects *all* problems at
+once, so a user fixes a broken data set in one pass instead of one crash per bad clip, minutes
+into a run. :func:`apply_policy` then stops with the full report, or (``data.skip_invalid``)
+drops the bad samples and writes a JSON report of what was dropped.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from cogvx.config import DataConfig
+from cogvx.data.video import VideoError, VideoInfo, probe_video, usable_frame_count
+from cogvx.errors import CogvxError
+from cogvx.io import atomic_write_text
+
+METADATA_NAMES = ("metadata.csv", "metadata.jsonl", "metadata.json")
+
+
+class DataValidationError(CogvxError):
+    """The data set has problems (and data.skip_invalid is off, or nothing valid is left)."""
+
+    exit_code = 4
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One training example: a caption, its clip and an optional first-frame image."""
+
+    caption: str
+    video: Path
+    image: Path | None
+    origin: str
+    video_rel: str
+    image_rel: str | None = None
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with the data set, located by ``origin`` ("videos.txt:3").
+
+    ``video`` is the clip path as listed when the problem concerns a line that names a clip but
+    could not become a sample (e.g. an empty caption), so the skip report can say which clip
+    was dropped.
+    """
+
+    origin: str
+    message: str
+    video: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.origin}: {self.message}"
+
+
+@dataclass
+class ValidationReport:
+    """Everything :func:`validate_dataset` found: the samples, their problems, the probe results."""
+
+    root: Path
+    samples: list[Sample] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+    valid: list[Sample] = field(default_factory=list)
+    invalid: dict[int, list[Problem]] = field(default_factory=dict)
+    infos: dict[Path, VideoInfo] = field(default_factory=dict)
+
+    @property
+    def general_problems(self) -> list[Problem]:
+        """Problems not tied to a formed sample (parse errors, count mismatches, ...)."""
+        attached = {id(p) for problems in self.invalid.values() for p in problems}
+        return [p for p in self.problems if id(p) not in attached]
+
+    def rejected_lines(self) -> dict[str, list[Problem]]:
+        """Listing lines that name a clip but could not become a sample, by origin."""
+        lines: dict[str, list[Problem]] = {}
+        for problem in self.general_problems:
+            if problem.video is not None:
+                lines.setdefault(problem.origin, []).append(problem)
+        return lines
+
+    def format(self) -> str:
+        """Human report: a header with counts, then one line per problem."""
+        rejected = len(self.rejected_lines())
+        affected = len(self.invalid) + rejected
+        total = len(self.samples) + rejected
+        count = len(self.problems)
+        noun = "problem" if count == 1 else "problems"
+        lines = [f"{count} {noun} in data set {self.root} ({affected} of {total} samples affected):"]
+        lines += [f"  - {problem}" for problem in self.problems]
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- reading listings
+
+
+def _decode_lines(path: Path, name: str) -> tuple[list[str], dict[int, Problem]]:
+    """The file's lines (1-based index = position + 1) and a problem per line that is not UTF-8.
+
+    Bad lines are still returned, decoded with ``surrogateescape``, so line numbers stay aligned;
+    :func:`_is_clean` tells callers to leave those values out. A UTF-8 BOM is dropped and
+    trailing empty lines (an editor's final newline) do not count as lines.
+    """
+    raw = path.read_bytes()
+    offset = 3 if raw.startswith(b"\xef\xbb\xbf") else 0
+    raw = raw[offset:]
+    lines: list[str] = []
+    bad: dict[int, Problem] = {}
+    for number, chunk in enumerate(raw.split(b"\n"), start=1):
+        try:
+            text = chunk.decode("utf-8")
+        except UnicodeDecodeError as err:
+            byte = chunk[err.start]
+            bad[number] = Problem(f"{name}:{number}", f"not valid UTF-8 (byte 0x{byte:02x} at "
+                                  f"offset {offset + err.start}); save the file as UTF-8")
+            text = chunk.decode("utf-8", errors="surrogateescape")
+        lines.append(text.rstrip("\r"))
+        offset += len(chunk) + 1
+    while lines and not lines[-1]:
+        bad.pop(len(lines), None)
+        lines.pop()
+    return lines, bad
+
+
+def _printable(text: str) -> str:
+    """``text`` with undecodable bytes shown as U+FFFD, safe to print and to write as UTF-8."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def _is_clean(*values: str | None) -> bool:
+    """False when a value holds undecodable bytes (already reported by :func:`_decode_lines`)."""
+    return not any(v is not None and any("\udc80" <= ch <= "\udcff" for ch in v) for v in values)
+
+
+def _make_sample(root: Path, caption: Any, video: Any, image: Any, origin: str,
+                 names: tuple[str, str], problems: list[Problem],
+                 caption_origin: str | None = None) -> Sample | None:
+    """A Sample from raw listing values, or None (with a problem) when one cannot be formed.
+
+    ``names`` are how the caption and the video field are called in messages ("'caption'
+    column", "videos.txt line"). Values that are not strings are problems, not crashes.
+    """
+    for value, label in ((caption, names[0]), (video, names[1])):
+        if value is not None and not isinstance(value, str):
+            problems.append(Problem(origin, f"{label} must be a string, got {json.dumps(value)}"))
+            return None
+    if image is not None and not isinstance(image, str):
+        problems.append(Problem(origin, f"image must be a string or empty, got {json.dumps(image)}"))
+        return None
+    video_rel = (video or "").strip()
+    caption_text = (caption or "").strip()
+    image_rel = (image or "").strip() or None
+    if not _is_clean(caption_text, video_rel, image_rel):
+        return None
+    if not video_rel:
+        problems.append(Problem(origin, f"empty {names[1]} (no clip path)"))
+        return None
+    if not caption_text:
+        problems.append(Problem(caption_origin or origin, f"empty caption ({names[0]}) for "
+                                f"{video_rel}", video=video_rel))
+        return None
+    return Sample(caption=caption_text, video=(root / video_rel).resolve(),
+                  image=(root / image_rel).resolve() if image_rel else None,
+                  origin=origin, video_rel=video_rel, image_rel=image_rel)
+
+
+def _read_txt(data: DataConfig, root: Path) -> tuple[list[Sample], list[Problem]]:
+    """prompts.txt + videos.txt (+ images.txt when present), paired line by line."""
+    pname, vname, iname = data.prompts_file, data.videos_file, data.images_file
+    missing = [n for n in (pname, vname) if not (root / n).is_file()]
+    if missing:
+        return [], [Problem(" + ".join(missing), f"not found in {root}; a txt data set needs {pname} "
+                            f"(one caption per line) and {vname} (one clip path per line), or "
+                            f"give a CSV/JSON listing with data.metadata_file")]
+    prompts, bad_p = _decode_lines(root / pname, pname)
+    videos, bad_v = _decode_lines(root / vname, vname)
+    images, bad_i = _decode_lines(root / iname, iname) if (root / iname).is_file() else (None, {})
+    problems: list[Problem] = []
+    if len(prompts) != len(videos):
+        problems.append(Problem(vname, f"{pname} has {len(prompts)} lines, {vname} has "
+                                f"{len(videos)}; only the first {min(len(prompts), len(videos))} "
+                                "pairs are read"))
+    if images is not None and len(images) != len(videos):
+        problems.append(Problem(iname, f"{iname} has {len(images)} lines, {vname} has "
+                                f"{len(videos)}; an empty line means no image for that clip"))
+    samples: list[Sample] = []
+    for number in range(1, min(len(prompts), len(videos)) + 1):
+        video = videos[number - 1]
+        image = images[number - 1] if images is not None and number <= len(images) else None
+        clip = video.strip() if number not in bad_v else ""
+        for bad in (bad_p, bad_v, bad_i):
+            if number in bad:
+                problems.append(replace(bad.pop(number), video=clip or None))
+        sample = _make_sample(root, prompts[number - 1], video, image, f"{vname}:{number}",
+                              (f"{pname} line", f"{vname} line"), problems,
+                              caption_origin=f"{pname}:{number}")
+        if sample is not None:
+            samples.append(sample)
+    problems += [p for bad in (bad_p, bad_v, bad_i) for p in bad.values()]
+    return samples, problems
+
+
+def _read_csv(data: DataConfig, root: Path, name: str) -> tuple[list[Sample], list[Problem]]:
+    """A CSV file with a header row; columns named by data.caption/video/image_column."""
+    lines, bad = _decode_lines(root / name, name)
+    problems = list(bad.values())
+    reader = csv.reader(io.StringIO("\n".join(lines), newline=""))
+    try:
+        header = [h.strip() for h in next(reader, [])]
+        if not header or not any(header):
+            return [], problems + [Problem(name, "empty file; expected a header row naming the "
+                                           f"'{data.caption_column}' and '{data.video_column}' columns")]
+        wanted = {"caption": data.caption_column, "video": data.video_column}
+        absent = [f"'{col}' ({role}, data.{role}_column)" for role, col in wanted.items()
+                  if col not in header]
+        if absent:
+            return [], problems + [Problem(f"{name}:1", f"no {' or '.join(absent)} column; the "
+                                           f"columns are: {_printable(', '.join(header))}")]
+        columns = {col: header.index(col) for col in (data.caption_column, data.video_column,
+                                                       data.image_column) if col in header}
+        samples: list[Sample] = []
+        previous = reader.line_num
+        for row in reader:
+            start, previous = previous + 1, reader.line_num
+            if not any(cell.strip() for cell in row):
+                continue
+            values = {col: row[i] if i < len(row) else None for col, i in columns.items()}
+            sample = _make_sample(root, values[data.caption_column], values[data.video_column],
+                                  values.get(data.image_column), f"{name}:{start}",
+                                  (f"'{data.caption_column}' column", f"'{data.video_column}' column"),
+                                  problems)
+            if sample is not None:
+                samples.append(sample)
+    except csv.Error as err:
+        return [], problems + [Problem(f"{name}:{reader.line_num}", f"not valid CSV: {err}")]
+    return samples, problems
+
+
+def _record_sample(data: DataConfig, root: Path, record: Any, origin: str,
+                   problems: list[Problem]) -> Sample | None:
+    """A Sample from one JSON object, or None with a problem (not an object, a key missing)."""
+    if not isinstance(record, dict):
+        problems.append(Problem(origin, f"expected an object with '{data.caption_column}' and "
+                                f"'{data.video_column}' keys, got {type(record).__name__}"))
+        return None
+    absent = [f"'{key}'" for key in (data.caption_column, data.video_column) if key not in record]
+    if absent:
+        keys = _printable(", ".join(map(str, record))) or "none"
+        problems.append(Problem(origin, f"no {' or '.join(absent)} key (keys: {keys}); see "
+                                "data.caption_column / data.video_column",
+                                video=record.get(data.video_column) if isinstance(
+                                    record.get(data.video_column), str) else None))
+        return None
+    return _make_sample(root, record[data.caption_column], record[data.video_column],
+                        record.get(data.image_column), origin,
+                        (f"'{data.caption_column}'", f"'{data.video_column}'"), problems)
+
+
+def _read_jsonl(data: DataConfig, root: Path, name: str) -> tuple[list[Sample], list[Problem]]:
+    """One JSON object per line; blank lines are ignored, a malformed line is one problem."""
+    lines, bad = _decode_lines(root / name, name)
+    samples: list[Sample] = []
+    problems: list[Problem] = []
+    for number, line in enumerate(lines, start=1):
+        if number in bad:
+            problems.append(bad[number])
+            continue
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            problems.append(Problem(f"{name}:{number}", f"not valid JSON: {err.msg} "
+                                    f"(column {err.colno})"))
+            continue
+        sample = _record_sample(data, root, record, f"{name}:{number}", problems)
+        if sample is not None:
+            samples.append(sample)
+    return samples, problems
+
+
+def _read_json(data: DataConfig, root: Path, name: str) -> tuple[list[Sample], list[Problem]]:
+    """A JSON list of objects; a record is located by its index ("metadata.json[2]")."""
+    lines, bad = _decode_lines(root / name, name)
+    problems = list(bad.values())
+    try:
+        records = json.loads("\n".join(lines))
+    except json.JSONDecodeError as err:
+        return [], problems + [Problem(f"{name}:{err.lineno}", f"not valid JSON: {err.msg} "
+                                       f"(column {err.colno})")]
+    if not isinstance(records, list):
+        return [], problems + [Problem(name, f"expected a list of objects, got "
+                                       f"{type(records).__name__}; use one object per line "
+                                       "in a .jsonl file, or wrap the objects in [...]")]
+    samples = [_record_sample(data, root, record, f"{name}[{index}]", problems)
+               for index, record in enumerate(records)]
+    return [s for s in samples if s is not None], problems
+
+
+def _listing(data: DataConfig, root: Path) -> tuple[str, str | None]:
+    """(format, metadata file name): which layout data.format picks in this data_root."""
+    if data.format == "txt":
+        return "txt", None
+    if data.metadata_file is not None:
+        suffix = Path(data.metadata_file).suffix.lower()
+        kind = data.format if data.format != "auto" else {
+            ".csv": "csv", ".json": "json", ".jsonl": "json"}.get(suffix, "unknown")
+        return kind, data.metadata_file
+    candidates = {"auto": METADATA_NAMES, "csv": ("metadata.csv",),
+                  "json": ("metadata.jsonl", "metadata.json")}[data.format]
+    found = [name for name in candidates if (root / name).is_file()]
+    if found:
+        return ("csv" if found[0].endswith(".csv") else "json"), found[0]
+    return ("txt", None) if data.format == "auto" else (data.format, candidates[0])
+
+
+def read_samples(data: DataConfig) -> tuple[list[Sample], list[Problem]]:
+    """Parse the listing of ``data.data_root`` into samples, collecting problems (never raising).
+
+    Samples that cannot be formed (empty caption, undecodable line, missing key) are left out;
+    their problems say where they are. A missing data_root or listing file is one problem.
+    """
+    root = Path(data.data_root).expanduser()
+    if not root.is_dir():
+        what = "is not a folder" if root.exists() else "does not exist"
+        return [], [Problem("data.data_root", f"{root.absolute()} {what}; point data.data_root at "
+                            "the folder holding the clips (or run `cogvx data download`)")]
+    kind, name = _listing(data, root)
+    if kind == "txt":
+        samples, problems = _read_txt(data, root)
+    elif kind == "unknown":
+        return [], [Problem(str(name), "cannot tell the format from the extension "
+                            "(.csv, .json or .jsonl); set data.format to csv or json")]
+    elif not (root / name).is_file():
+        return [], [Problem(name, f"not found in {root}; set data.metadata_file to the listing "
+                            "file, relative to data_root")]
+    elif kind == "csv":
+        samples, problems = _read_csv(data, root, name)
+    else:
+        reader = _read_jsonl if name.lower().endswith(".jsonl") else _read_json
+        samples, problems = reader(data, root, name)
+    if not samples and not problems:
+        problems.append(Problem(name or data.videos_file, "lists no samples"))
+    return samples, problems
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _path_problem(root: Path, rel: str, resolved: Path, what: str) -> str | None:
+    """Why a listed path is not allowed (outside data_root), or None when it is fine."""
+    written = Path(rel)
+    if written.is_absolute():
+        return f"{what} path is absolute; list it relative to data_root ({root})"
+    if ".." in written.parts:
+        return f"{what} path contains '..'; paths must stay inside data_root ({root})"
+    if not resolved.is_relative_to(root):
+        return f"{what} resolves outside data_root (through a symlink, to {resolved})"
+    return None
+
+
+def _video_problem(sample: Sample, data: DataConfig, min_frames: int, probe: bool,
+                   infos: dict[Path, VideoInfo]) -> str | None:
+    """Why the sample's clip cannot be trained on (missing, empty, corrupt, short), or None."""
+    path = sample.video
+    if not path.exists():
+        return "file not found"
+    if not path.is_file():
+        return "not a file (a folder?)"
+    if path.stat().st_size == 0:
+        return "empty file (0 bytes)"
+    if not probe:
+        return None
+    try:
+        info = probe_video(path)
+    except VideoError as err:
+        message = str(err)
+        return message.removeprefix(f"{path}: ") or "not a readable video"
+    usable = usable_frame_count(info, data.fps, data.skip_frames_start, data.skip_frames_end)
+    if usable < min_frames:
+        detail = f"{info.frames} frames at {info.fps:g} fps"
+        if data.skip_frames_start or data.skip_frames_end:
+            detail += f", less {data.skip_frames_start} skipped at the start and " \
+                      f"{data.skip_frames_end} at the end"
+        if data.fps:
+            detail += f", sampled at {data.fps} fps"
+        return f"too short: {usable} usable frames, needs {min_frames} ({detail})"
+    infos[path] = info
+    return None
+
+
+def _image_problem(root: Path, sample: Sample) -> str | None:
+    """Why the sample's first-frame image cannot be used, or None (also when there is none)."""
+    if sample.image is None:
+        return None
+    rel = sample.image_rel or str(sample.image)
+    escape = _path_problem(root, rel, sample.image, "image")
+    if escape:
+        return f"image {rel}: {escape.removeprefix('image ')}"
+    if not sample.image.is_file():
+        return f"image {rel}: file not found"
+    if sample.image.stat().st_size == 0:
+        return f"image {rel}: empty file (0 bytes)"
+    return None
+
+
+def _sample_problems(root: Path, sample: Sample, data: DataConfig, min_frames: int, probe: bool,
+                     seen: dict[Path, str], infos: dict[Path, VideoInfo]) -> list[str]:
+    """Every reason (message without the clip prefix) the sample is unusable."""
+    reasons: list[str] = []
+    escape = _path_problem(root, sample.video_rel, sample.video, "clip")
+    if escape:
+        reasons.append(escape)
+    elif sample.video in seen:
+        reasons.append(f"listed twice (first at {seen[sample.video]})")
+    else:
+        seen[sample.video] = sample.origin
+        video = _video_problem(sample, data, min_frames, probe, infos)
+        if video:
+            reasons.append(video)
+    image = _image_problem(root, sample)
+    if image:
+        reasons.append(image)
+    return reasons
+
+
+def validate_dataset(data: DataConfig, min_frames: int, probe: bool = True) -> ValidationReport:
+    """Read the data set and check every sample; all problems are collected, none raised.
+
+    ``probe`` decodes each clip's header (decord) to catch corrupt files and clips shorter than
+    ``min_frames`` after data.skip_frames_* and data.fps sampling; the results are kept in
+    ``report.infos`` so later stages need not probe again.
+    """
+    root = Path(data.data_root).expanduser().resolve()
+    samples, problems = read_samples(data)
+    report = ValidationReport(root=root, samples=samples, problems=list(problems))
+    seen: dict[Path, str] = {}
+    for index, sample in enumerate(samples):
+        reasons = _sample_problems(root, sample, data, min_frames, probe, seen, report.infos)
+        if reasons:
+            found = [Problem(sample.origin, f"{sample.video_rel}: {r}", video=sample.video_rel)
+                     for r in reasons]
+            report.invalid[index] = found
+            report.problems += found
+        else:
+            report.valid.append(sample)
+    return report
+
+
+# --------------------------------------------------------------------------- policy
+
+
+def _reason(problem: Problem) -> str:
+    """A problem's message without the leading clip path (the report names the clip already)."""
+    if problem.video and problem.message.startswith(f"{problem.video}: "):
+        return problem.message[len(problem.video) + 2:]
+    return problem.message
+
+
+def skip_report(report: ValidationReport) -> dict[str, Any]:
+    """The JSON-ready record of what data.skip_invalid dropped and why."""
+    dropped = [{"origin": report.samples[i].origin, "video": report.samples[i].video_rel,
+                "reasons": [_reason(p) for p in problems]}
+               for i, problems in sorted(report.invalid.items())]
+    dropped += [{"origin": origin, "video": problems[0].video,
+                 "reasons": [_reason(p) for p in problems]}
+                for origin, problems in report.rejected_lines().items()]
+    general = [str(p) for p in report.general_problems if p.video is None]
+    return {"dropped": dropped, "kept": len(report.valid), "problems_without_sample": general}
+
+
+def apply_policy(report: ValidationReport, skip_invalid: bool,
+                 report_path: Path | None = None) -> list[Sample]:
+    """The samples to train on: all of them, or (skip_invalid) the valid ones, or an error.
+
+    Without skip_invalid any problem stops the run with the full report. With it, the dropped
+    samples and the problems without a sample are written as JSON to ``report_path`` and the
+    valid samples go on; nothing valid left is still an error.
+    """
+    if not report.problems:
+        return list(report.valid)
+    if not skip_invalid:
+        raise DataValidationError(
+            f"{report.format()}\nFix the listed problems, or set data.skip_invalid=true to drop "
+            f"the affected samples and train on the {len(report.valid)} valid ones.")
+    where = ""
+    if report_path is not None:
+        text = json.dumps(skip_report(report), indent=2, ensure_ascii=False) + "\n"
+        atomic_write_text(report_path, _printable(text))
+        where = f" (report: {report_path})"
+    if not report.valid:
+        raise DataValidationError(f"{report.format()}\nNo valid sample is left to train on "
+                                  f"with data.skip_invalid=true{where}; fix the data set.")
+    return list(report.valid)

@@ -1,0 +1,141 @@
+"""Precomputed latents on disk: the manifest, its shards, and the dataset training reads.
+
+Layout of ``prepare.output_dir``::
+
+    manifest.json              what was prepared, for which model and buckets (see build_manifest)
+    videos/<key>.safetensors   VAE posterior of one clip: latent_mean, latent_logvar [F, C, h, w]
+                               (+ image_latent_mean, image_latent_logvar [1, C, h, w] for I2V)
+    texts/<key>.safetensors    T5 embedding of one caption: prompt_embeds [L, D]
+
+Keys are content hashes of everything that went into a file, so a file is reused exactly when
+its inputs are unchanged and a stale file can never be served for changed data. The posterior's
+mean and log-variance are stored unscaled, so training draws a fresh latent each step and applies
+the VAE scaling factor recorded in the manifest.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
+
+from cogvx.config import Config
+from cogvx.data.buckets import Bucket, BucketBatchSampler
+from cogvx.errors import CogvxError
+from cogvx.io import atomic_write_text
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = "cogvx-latents/1"
+
+
+class LatentsError(CogvxError):
+    """Precomputed latents are missing, corrupt, or do not match the run asking for them."""
+
+    exit_code = 4
+
+
+def video_file(root: Path, key: str) -> Path:
+    return Path(root) / "videos" / f"{key}.safetensors"
+
+
+def text_file(root: Path, key: str) -> Path:
+    return Path(root) / "texts" / f"{key}.safetensors"
+
+
+def is_complete(path: Path, names: tuple[str, ...]) -> bool:
+    """Whether ``path`` is a readable safetensors file holding at least the tensors ``names``."""
+    if not path.is_file():
+        return False
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return set(names) <= set(handle.keys())
+    except (SafetensorError, OSError, ValueError):
+        return False
+
+
+def write_manifest(root: Path, manifest: dict[str, Any]) -> Path:
+    return atomic_write_text(Path(root) / MANIFEST_NAME, json.dumps(manifest, indent=1) + "\n")
+
+
+def read_manifest(root: Path) -> dict[str, Any]:
+    """The manifest of a latents folder; LatentsError saying how to make one otherwise."""
+    path = Path(root) / MANIFEST_NAME
+    if not path.is_file():
+        raise LatentsError(f"no precomputed latents in {root} (no {MANIFEST_NAME}); run `cogvx prepare` first")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise LatentsError(f"{path} is not valid JSON ({err}); run `cogvx prepare` again") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise LatentsError(f"{path} is not a {MANIFEST_FORMAT} manifest; run `cogvx prepare` again")
+    return manifest
+
+
+def check_manifest(manifest: dict[str, Any], config: Config, root: Path) -> None:
+    """Refuse latents prepared for another model or other buckets, naming the mismatch."""
+    spec = config.spec
+    model = manifest["model"]
+    problems = []
+    for key, wanted in (("variant", spec.key), ("vae_scaling_factor", spec.vae_scaling_factor),
+                        ("invert_scale_latents", spec.invert_scale_latents), ("task", spec.task)):
+        if model.get(key) != wanted:
+            problems.append(f"model {key}: latents have {model.get(key)!r}, this run needs {wanted!r}")
+    allowed = {str(bucket) for bucket in config.buckets}
+    foreign = sorted({entry["bucket"] for entry in manifest["entries"]} - allowed)
+    if foreign:
+        problems.append(f"buckets {', '.join(foreign)} are not among this run's buckets "
+                        f"({', '.join(sorted(allowed))})")
+    if problems:
+        raise LatentsError(f"the latents in {root} do not match this run:\n"
+                           + "\n".join(f"  - {p}" for p in problems)
+                           + "\n  run `cogvx prepare` with the same params to re-encode")
+
+
+class LatentDataset(torch.utils.data.Dataset):
+    """The training-side view of a latents folder: one item per manifest entry."""
+
+    def __init__(self, root: str | Path, config: Config) -> None:
+        self.root = Path(root)
+        manifest = read_manifest(self.root)
+        check_manifest(manifest, config, self.root)
+        self.manifest = manifest
+        self.entries: list[dict[str, Any]] = manifest["entries"]
+        if not self.entries:
+            raise LatentsError(f"{self.root / MANIFEST_NAME} lists no samples; run `cogvx prepare`")
+        self.has_images = manifest["model"]["task"] == "i2v"
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    @property
+    def buckets(self) -> list[Bucket]:
+        return [Bucket(*map(int, entry["bucket"].split("x"))) for entry in self.entries]
+
+    def batch_sampler(self, batch_size: int, seed: int, shuffle: bool = True) -> BucketBatchSampler:
+        """Batches drawn from one bucket at a time, in an order fixed by (seed, epoch)."""
+        return BucketBatchSampler(self.buckets, batch_size=batch_size, shuffle=shuffle, seed=seed)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        entry = self.entries[index]
+        item: dict[str, Any] = {**self._load(video_file(self.root, entry["video_key"])),
+                                **self._load(text_file(self.root, entry["text_key"]))}
+        item["bucket"] = entry["bucket"]
+        return item
+
+    def _load(self, path: Path) -> dict[str, torch.Tensor]:
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError) as err:
+            raise LatentsError(f"cannot read {path} ({err}); run `cogvx prepare` again to re-encode it") from None
+
+
+def sample_latents(mean: torch.Tensor, logvar: torch.Tensor, scaling_factor: float,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """A fresh draw from the stored VAE posterior, scaled the way training expects."""
+    std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+    noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    return (mean + std * noise) * scaling_factor

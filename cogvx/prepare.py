@@ -1,0 +1,306 @@
+"""`cogvx prepare`: encode every clip with the VAE and every caption with T5, once.
+
+The data set is validated first (nothing is loaded for a broken data set). Each clip goes to its
+resolution bucket; its latents file is named by a hash of everything that determines it (clip
+bytes, image, bucket, sampling, crop and flip settings, VAE identity), each caption's by a hash of
+the caption and the text encoder. So a re-run encodes only what is new or changed, a run killed
+halfway resumes where it stopped (every file is written atomically), and a manifest written last
+lists exactly the files that belong to this data set and config.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from cogvx import __version__
+from cogvx.config import Config, write_resolved_config
+from cogvx.data.buckets import Bucket, BucketBatchSampler, assign_bucket
+from cogvx.data.latents import (MANIFEST_FORMAT, is_complete, text_file, video_file,
+                                write_manifest)
+from cogvx.io import atomic_file
+
+VIDEO_TENSORS = ("latent_mean", "latent_logvar")
+IMAGE_TENSORS = ("image_latent_mean", "image_latent_logvar")
+TEXT_TENSORS = ("prompt_embeds",)
+MAX_TEXT_TOKENS = 226
+TEXT_BATCH = 8
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One sample as it will be encoded: its bucket and the content keys of its two files."""
+
+    origin: str
+    video: Path
+    video_rel: str
+    image: Path | None
+    caption: str
+    bucket: Bucket
+    video_key: str
+    text_key: str
+    crop_seed: int
+
+
+@dataclass
+class PrepareSummary:
+    samples: int
+    videos_encoded: int
+    texts_encoded: int
+    skipped: int
+    dropped: int
+    seconds: float
+    clips_per_second: float
+    peak_memory_gib: float
+    memory_kind: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def content_key(**parts: Any) -> str:
+    """A stable hash of named inputs (JSON with sorted keys), 32 hex characters."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode("utf-8")
+    return hashlib.sha256(blob).hexdigest()[:32]
+
+
+def model_identity(folder: Path, component: str) -> dict[str, Any]:
+    """What identifies a component's weights without hashing gigabytes: config and file stats."""
+    sub = folder / component
+    files = sorted(p for p in sub.glob("*") if p.is_file())
+    return {"config": sub.joinpath("config.json").read_text(encoding="utf-8") if (sub / "config.json").is_file() else None,
+            "files": [(p.name, p.stat().st_size) for p in files]}
+
+
+def plan_samples(samples, infos, config: Config, folder: Path) -> list[Plan]:
+    """Assign each valid sample its bucket and content keys."""
+    from cogvx.data.video import usable_frame_count
+
+    data = config.data
+    vae_id = content_key(**model_identity(folder, "vae"))
+    text_id = content_key(**model_identity(folder, "text_encoder"), tokenizer=model_identity(folder, "tokenizer"))
+    wants_image = config.spec.task == "i2v"
+    plans = []
+    for sample in samples:
+        info = infos[sample.video]
+        usable = usable_frame_count(info, data.fps, data.skip_frames_start, data.skip_frames_end)
+        bucket = assign_bucket(usable, info.height, info.width, config.buckets)
+        crop_seed = int(content_key(seed=data.seed, video=sample.video_rel)[:8], 16)
+        video_key = content_key(
+            clip=file_sha256(sample.video), bucket=str(bucket), fps=data.fps,
+            skip=(data.skip_frames_start, data.skip_frames_end), mode=data.resize_mode,
+            flip=data.random_flip, crop_seed=crop_seed, vae=vae_id, dtype=config.model.dtype,
+            image=(file_sha256(sample.image) if sample.image else "first-frame") if wants_image else None)
+        text_key = content_key(caption=sample.caption, encoder=text_id, tokens=MAX_TEXT_TOKENS,
+                               dtype=config.model.dtype)
+        plans.append(Plan(origin=sample.origin, video=sample.video, video_rel=sample.video_rel,
+                          image=sample.image, caption=sample.caption, bucket=bucket,
+                          video_key=video_key, text_key=text_key, crop_seed=crop_seed))
+    return plans
+
+
+class ClipDataset(torch.utils.data.Dataset):
+    """Decodes, samples, crops and flips the clips to encode (run in DataLoader workers)."""
+
+    def __init__(self, plans: list[Plan], infos, config: Config) -> None:
+        self.plans, self.infos, self.data = plans, infos, config.data
+        self.with_image = config.spec.task == "i2v"
+
+    def __len__(self) -> int:
+        return len(self.plans)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        from cogvx.data.video import fit_to_size, load_clip
+
+        plan, data = self.plans[index], self.data
+        generator = torch.Generator().manual_seed(plan.crop_seed)
+        video = load_clip(plan.video, self.infos[plan.video], plan.bucket.frames, plan.bucket.height,
+                          plan.bucket.width, target_fps=data.fps, skip_start=data.skip_frames_start,
+                          skip_end=data.skip_frames_end, mode=data.resize_mode,
+                          flip_probability=data.random_flip, generator=generator)  # [F, C, H, W]
+        item: dict[str, Any] = {"key": plan.video_key, "video": video}
+        if self.with_image:
+            if plan.image is not None:
+                pixels = torch.from_numpy(_read_rgb(plan.image))[None]  # [1, H, W, 3]
+                image_gen = torch.Generator().manual_seed(plan.crop_seed)
+                item["image"] = fit_to_size(pixels, plan.bucket.height, plan.bucket.width,
+                                            data.resize_mode, image_gen)  # [1, C, H, W]
+            else:
+                item["image"] = video[:1].clone()  # [1, C, H, W]: the clip's first frame
+        return item
+
+
+def _read_rgb(path: Path):
+    import numpy as np
+
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))  # [H, W, 3]
+
+
+def encode_videos(pipe, plans: list[Plan], infos, config: Config, out: Path, device, dtype, progress) -> int:
+    """Encode the clips of ``plans`` into videos/<key>.safetensors; returns how many."""
+    if not plans:
+        return 0
+    dataset = ClipDataset(plans, infos, config)
+    sampler = BucketBatchSampler([p.bucket for p in plans], config.prepare.batch_size, shuffle=False)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler,
+                                         num_workers=config.prepare.num_workers,
+                                         persistent_workers=False)
+    encoded = 0
+    for batch in loader:
+        with torch.no_grad():
+            tensors = {"latent": _encode(pipe.vae, batch["video"], device, dtype)}
+            if "image" in batch:
+                tensors["image_latent"] = _encode(pipe.vae, batch["image"], device, dtype)
+        for row, key in enumerate(batch["key"]):
+            _save(video_file(out, key), {f"{name}_{part}": value[row]
+                                         for name, (mean, logvar) in tensors.items()
+                                         for part, value in (("mean", mean), ("logvar", logvar))})
+        encoded += len(batch["key"])
+        progress.update(len(batch["key"]))
+    return encoded
+
+
+def _encode(vae, pixels: torch.Tensor, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """VAE posterior of pixels [B, F, C, H, W] in [-1, 1]; mean and logvar as [B, F', C', h, w]."""
+    posterior = vae.encode(pixels.to(device, dtype).permute(0, 2, 1, 3, 4)).latent_dist  # in: [B, C, F, H, W]
+    mean = posterior.mean.permute(0, 2, 1, 3, 4)  # [B, F', C', h, w]
+    logvar = posterior.logvar.permute(0, 2, 1, 3, 4)  # [B, F', C', h, w]
+    return mean.float().cpu(), logvar.float().cpu()
+
+
+def encode_texts(pipe, captions: dict[str, str], out: Path, device, dtype) -> int:
+    """Encode each caption (by text key) into texts/<key>.safetensors; returns how many."""
+    items = sorted(captions.items())
+    for start in range(0, len(items), TEXT_BATCH):
+        chunk = items[start:start + TEXT_BATCH]
+        with torch.no_grad():
+            embeds, _ = pipe.encode_prompt([caption for _, caption in chunk],
+                                           do_classifier_free_guidance=False,
+                                           max_sequence_length=MAX_TEXT_TOKENS, device=device,
+                                           dtype=dtype)  # [B, L, D]
+        for row, (key, _) in enumerate(chunk):
+            _save(text_file(out, key), {"prompt_embeds": embeds[row].float().cpu()})
+    return len(items)
+
+
+def _save(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    with atomic_file(path, suffix=".safetensors") as tmp:
+        save_file({name: t.contiguous() for name, t in tensors.items()}, str(tmp),
+                  metadata={"format": MANIFEST_FORMAT})
+
+
+def build_manifest(config: Config, plans: list[Plan], source: str) -> dict[str, Any]:
+    """Everything training needs to trust the files: model, buckets, config, one entry per sample."""
+    spec = config.spec
+    return {
+        "format": MANIFEST_FORMAT,
+        "created_by": f"cogvx {__version__}",
+        "model": {"variant": spec.key, "source": source, "task": spec.task,
+                  "generation": spec.generation, "vae_scaling_factor": spec.vae_scaling_factor,
+                  "invert_scale_latents": spec.invert_scale_latents},
+        "buckets": sorted({str(plan.bucket) for plan in plans}),
+        "prepare": config.prepare.model_dump(mode="json"),
+        "data": config.data.model_dump(mode="json"),
+        "entries": [{"origin": p.origin, "video": p.video_rel, "caption": p.caption,
+                     "image": str(p.image) if p.image else None, "bucket": str(p.bucket),
+                     "frames": p.bucket.frames, "latent_frames": (p.bucket.frames - 1) // 4 + 1,
+                     "video_key": p.video_key, "text_key": p.text_key} for p in plans],
+    }
+
+
+def remove_partial_files(out: Path) -> None:
+    """Temporary files a killed run left behind (atomic writes that never got renamed)."""
+    for folder in (out / "videos", out / "texts"):
+        for leftover in folder.glob(".*.safetensors"):
+            leftover.unlink()
+
+
+def prune_unreferenced(out: Path, plans: list[Plan]) -> int:
+    """Delete latents no entry of the new manifest uses; returns how many."""
+    keep = {video_file(out, p.video_key) for p in plans} | {text_file(out, p.text_key) for p in plans}
+    removed = 0
+    for path in list((out / "videos").glob("*.safetensors")) + list((out / "texts").glob("*.safetensors")):
+        if path not in keep:
+            path.unlink()
+            removed += 1
+    return removed
+
+
+def _peak_memory(device: torch.device) -> tuple[float, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30, "cuda peak allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "process peak RSS"
+
+
+def _device(config: Config) -> torch.device:
+    from cogvx.inference import pick_device
+
+    return pick_device() if config.prepare.device == "auto" else torch.device(config.prepare.device)
+
+
+def run_prepare(config: Config, prune: bool = False, log=print) -> PrepareSummary:
+    """Validate the data set, encode what is missing, write the manifest; return a summary."""
+    from tqdm.auto import tqdm
+
+    from cogvx.data.dataset import apply_policy, validate_dataset
+    from cogvx.models.loader import load_pipeline, resolve_dtype, resolve_source
+
+    started = time.perf_counter()
+    out = Path(config.prepare.output_dir)
+    report = validate_dataset(config.data, min_frames=min(b.frames for b in config.buckets))
+    samples = apply_policy(report, config.data.skip_invalid, out / "dropped.json")
+    spec = config.spec
+    folder = resolve_source(config.model_source, config.model.revision, config.model.cache_dir, spec)
+    plans = plan_samples(samples, report.infos, config, folder)
+    (out / "videos").mkdir(parents=True, exist_ok=True)
+    (out / "texts").mkdir(parents=True, exist_ok=True)
+    remove_partial_files(out)
+    names = VIDEO_TENSORS + (IMAGE_TENSORS if spec.task == "i2v" else ())
+    todo_videos = list({p.video_key: p for p in plans if not is_complete(video_file(out, p.video_key), names)}.values())
+    todo_texts = {p.text_key: p.caption for p in plans if not is_complete(text_file(out, p.text_key), TEXT_TENSORS)}
+    device = _device(config)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    videos_done = texts_done = 0
+    if todo_videos or todo_texts:
+        dtype = resolve_dtype(config.model.dtype, spec, device)
+        pipe = load_pipeline(str(folder), spec, dtype=dtype, skip=("transformer",))
+        pipe.vae.to(device)
+        pipe.text_encoder.to(device)
+        if config.prepare.vae_slicing:
+            pipe.vae.enable_slicing()
+        if config.prepare.vae_tiling:
+            pipe.vae.enable_tiling()
+        with tqdm(total=len(todo_videos), unit="clip", desc="encoding clips", disable=None) as bar:
+            videos_done = encode_videos(pipe, todo_videos, report.infos, config, out, device, dtype, bar)
+        texts_done = encode_texts(pipe, todo_texts, out, device, dtype)
+    write_manifest(out, build_manifest(config, plans, config.model_source))
+    write_resolved_config(config, out)
+    if prune:
+        log(f"pruned {prune_unreferenced(out, plans)} unreferenced latent files")
+    seconds = time.perf_counter() - started
+    peak, kind = _peak_memory(device)
+    return PrepareSummary(samples=len(plans), videos_encoded=videos_done, texts_encoded=texts_done,
+                          skipped=len(plans) - len(todo_videos), dropped=len(report.samples) - len(samples),
+                          seconds=round(seconds, 2),
+                          clips_per_second=round(videos_done / seconds, 3) if videos_done else 0.0,
+                          peak_memory_gib=round(peak, 3), memory_kind=kind)
