@@ -49,7 +49,7 @@ def hub_report() -> str:
 
     if constants.HF_HUB_OFFLINE:
         return "offline (HF_HUB_OFFLINE set): only local folders and the cache"
-    from cogvx.models.loader import hub_reachable
+    from cogvx.hub import hub_reachable
 
     reachable = hub_reachable()
     return f"{constants.ENDPOINT} {'reachable' if reachable else 'NOT reachable: use local folders or cogvx make-tiny-model'}"

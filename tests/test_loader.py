@@ -9,7 +9,8 @@ import time
 import pytest
 
 from cogvx.errors import ConfigError, ModelNotAvailableError
-from cogvx.models.loader import is_hub_id, load_pipeline, resolve_source
+from cogvx.hub import is_hub_id
+from cogvx.models.loader import load_pipeline, resolve_source
 from cogvx.registry import get_spec
 
 FAKE_COMMIT = "0123456789abcdef0123456789abcdef01234567"

@@ -19,12 +19,6 @@ class Bucket(NamedTuple):
         return f"{self.frames}x{self.height}x{self.width}"
 
 
-def snap_frames(frames: int, multiple: int) -> int:
-    """The largest ``multiple * k + 1`` not above ``frames`` (0 when even k = 1 does not fit)."""
-    k = (frames - 1) // multiple
-    return k * multiple + 1 if k >= 1 else 0
-
-
 def assign_bucket(available_frames: int, height: int, width: int,
                   buckets: Sequence[Bucket]) -> Bucket | None:
     """The bucket for a clip of ``available_frames`` usable frames and ``height`` x ``width``.

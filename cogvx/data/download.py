@@ -68,7 +68,7 @@ def fetch_dataset(source: str, data_root: Path, *, revision: str | None = None,
     elif path.is_file():
         _fetch_archive(path.resolve(), root)
     else:
-        from cogvx.models.loader import is_hub_id
+        from cogvx.hub import is_hub_id
 
         if not is_hub_id(source):
             raise DatasetNotAvailableError(_unknown_source_message(source, "no such file or folder"))
@@ -318,7 +318,7 @@ def _fetch_hub(repo_id: str, data_root: Path, revision: str | None) -> None:
     from huggingface_hub import HfApi, constants, snapshot_download
     from huggingface_hub.utils import validate_repo_id
 
-    from cogvx.models.loader import hub_reachable
+    from cogvx.hub import hub_reachable
 
     try:
         validate_repo_id(repo_id)

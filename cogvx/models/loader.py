@@ -9,17 +9,14 @@ instead of a long retry loop and a hub traceback.
 from __future__ import annotations
 
 import json
-import os
-import socket
-import threading
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
-from urllib.parse import urlparse
 
 import torch
 
 from cogvx.errors import ConfigError, ModelNotAvailableError
+from cogvx.hub import HUB_PROBE_TIMEOUT_S, hub_reachable, is_hub_id
 from cogvx.registry import ModelSpec
 
 # Pipelines this project loads; model_index.json naming anything else is refused, since
@@ -27,7 +24,6 @@ from cogvx.registry import ModelSpec
 PIPELINE_CLASSES = ("CogVideoXPipeline", "CogVideoXImageToVideoPipeline",
                     "CogVideoXVideoToVideoPipeline")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-HUB_PROBE_TIMEOUT_S = 3.0
 
 
 def resolve_dtype(requested: str, spec: ModelSpec, device: torch.device | str) -> torch.dtype:
@@ -37,14 +33,6 @@ def resolve_dtype(requested: str, spec: ModelSpec, device: torch.device | str) -
     if torch.device(device).type == "cpu":
         return torch.float32
     return DTYPES[spec.weights_dtype]
-
-
-def is_hub_id(source: str) -> bool:
-    """True for ``org/name`` strings that are not an existing or explicitly local path."""
-    if source.startswith((".", "/", "~")) or source.count("/") != 1 or os.sep != "/" and os.sep in source:
-        return False
-    org, name = source.split("/")
-    return bool(org) and bool(name)
 
 
 def _missing_weights_message(source: str, reason: str, spec: ModelSpec | None = None) -> str:
@@ -59,27 +47,6 @@ def _missing_weights_message(source: str, reason: str, spec: ModelSpec | None = 
         f"  To try cogvx without any download: cogvx make-tiny-model --variant tiny-t2v "
         f"--out models/tiny-t2v, then use model.variant=tiny-t2v."
     )
-
-
-def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
-    """Whether the hub endpoint accepts a TCP connection within ``timeout`` seconds (DNS included)."""
-    from huggingface_hub import constants
-
-    url = urlparse(constants.ENDPOINT)
-    port = url.port or (443 if url.scheme == "https" else 80)
-    result: list[bool] = []
-
-    def probe() -> None:
-        try:
-            with socket.create_connection((url.hostname, port), timeout=timeout):
-                result.append(True)
-        except OSError:
-            result.append(False)
-
-    worker = threading.Thread(target=probe, daemon=True)
-    worker.start()
-    worker.join(timeout)
-    return bool(result and result[0])
 
 
 def resolve_source(source: str, revision: str | None = None, cache_dir: str | Path | None = None,
