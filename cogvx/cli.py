@@ -228,6 +228,49 @@ def prepare(
     out.print(f"latents and manifest in {config.prepare.output_dir}")
 
 
+@app.command("train")
+def train(
+    overrides: OverridesArg = None, params: ParamsOption = None,
+    resume: Annotated[Optional[str], typer.Option(help="'latest' (the newest complete checkpoint, if any) or a checkpoint folder.")] = None,
+) -> None:
+    """Fine-tune on the precomputed latents (LoRA); checkpoints, validation clips, a report."""
+    config = resolve_config(params, overrides)
+    from cogvx.training.loop import train as run_training
+
+    report = run_training(config, resume=resume, log=out.print)
+    summary = {key: report[key] for key in ("steps", "final_loss", "lora", "timing", "memory")}
+    out.print_json(json.dumps(summary))
+
+
+@app.command("generate")
+def generate(
+    prompt: Annotated[Optional[str], typer.Option(help="What the video shows; default: the first validate.prompts entry.")] = None,
+    out_file: Annotated[Path, typer.Option("--out", help="mp4 file to write.")] = Path("outputs/generated.mp4"),
+    lora: Annotated[Optional[Path], typer.Option(help="LoRA file, or the folder `cogvx train` wrote it to.")] = None,
+    lora_scale: Annotated[float, typer.Option(help="Strength multiplier on top of the file's alpha/rank; 0 = base model.")] = 1.0,
+    frames: Annotated[Optional[int], typer.Option(help="Frames (model's frame rule); default: validate.frames or the training size.")] = None,
+    height: Annotated[Optional[int], typer.Option(help="Height in pixels (multiple of 16).")] = None,
+    width: Annotated[Optional[int], typer.Option(help="Width in pixels (multiple of 16).")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Denoising steps; default validate.num_inference_steps.")] = None,
+    guidance: Annotated[Optional[float], typer.Option(help="Classifier-free guidance scale.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of the sampling noise.")] = None,
+    fps: Annotated[Optional[int], typer.Option(help="Frame rate of the mp4.")] = None,
+    image: Annotated[Optional[Path], typer.Option(help="First frame, for image-to-video models.")] = None,
+    overrides: OverridesArg = None, params: ParamsOption = None,
+) -> None:
+    """Render a video with the base model, optionally with a trained LoRA."""
+    extra = [f"validate.frames={frames}"] if frames else []
+    extra += [f"validate.height={height}"] if height else []
+    extra += [f"validate.width={width}"] if width else []
+    config = resolve_config(params, [*(overrides or []), *extra])
+    from cogvx.generate import GenerateRequest, generate as run_generate
+
+    request = GenerateRequest(prompt=prompt or config.validate_.prompts[0], out=out_file, lora=lora, lora_scale=lora_scale, steps=steps,
+                              guidance_scale=guidance, seed=seed, fps=fps, image=image)
+    path = run_generate(config, request, log=out.print)
+    out.print(f"wrote {path}")
+
+
 @app.command("doctor")
 def doctor() -> None:
     """Report versions, the compute device and which optional parts are installed."""

@@ -14,13 +14,15 @@ from cogvx.registry import REGISTRY
 
 REPO = Path(__file__).resolve().parents[1]
 COMMANDS = (["config", "show"], ["config", "schema"], ["models"], ["doctor"],
-            ["make-tiny-model"], ["check"])
+            ["make-tiny-model"], ["check"], ["data", "validate"], ["data", "synthetic"],
+            ["data", "download"], ["prepare"], ["train"], ["generate"])
 
 
 def test_top_level_help_lists_every_command(run_cli):
     result = run_cli("--help")
     assert result.returncode == 0
-    for command in ("config", "models", "doctor", "make-tiny-model", "check"):
+    for command in ("config", "models", "doctor", "make-tiny-model", "check", "data", "prepare",
+                    "train", "generate"):
         assert command in result.stdout
 
 

@@ -1,0 +1,88 @@
+"""`cogvx generate`: render a video with the base model, optionally with a trained LoRA."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from cogvx.config import Config
+from cogvx.errors import CogvxError
+
+ADAPTER = "cogvx"
+
+
+@dataclass
+class GenerateRequest:
+    """What to render; None fields fall back to the training size and the validate section."""
+
+    prompt: str
+    out: Path
+    lora: Path | None = None
+    lora_scale: float = 1.0
+    frames: int | None = None
+    height: int | None = None
+    width: int | None = None
+    steps: int | None = None
+    guidance_scale: float | None = None
+    seed: int | None = None
+    fps: int | None = None
+    image: Path | None = None
+
+
+def lora_file(path: Path) -> Path:
+    """A LoRA weights file, given the file or the folder `cogvx train` wrote it to."""
+    from cogvx.training.lora import LORA_WEIGHT_NAME
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / LORA_WEIGHT_NAME
+    if not path.is_file():
+        raise CogvxError(f"--lora {path}: no such LoRA file")
+    return path
+
+
+def attach_lora(pipe, path: Path, scale: float, log=print) -> dict:
+    """Load a LoRA into the pipeline at ``scale`` x (alpha / rank), alpha read from the file."""
+    from cogvx.training.lora import read_lora_metadata
+
+    path = lora_file(path)
+    meta = read_lora_metadata(path)
+    try:
+        pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=ADAPTER)
+    except (ValueError, KeyError, RuntimeError) as err:
+        raise CogvxError(f"{path} does not fit this model's transformer: {str(err).splitlines()[0][:200]}") from None
+    pipe.set_adapters([ADAPTER], [scale])
+    if meta["rank"] and meta["alpha"]:
+        log(f"LoRA rank {meta['rank']}, alpha {meta['alpha']:g}: strength {scale:g} x alpha/rank "
+            f"= {scale * meta['alpha'] / meta['rank']:g}")
+    else:
+        log(f"warning: {path.name} records no rank/alpha; diffusers assumes alpha = rank (strength {scale:g})")
+    return meta
+
+
+def generate(config: Config, request: GenerateRequest, log=print) -> Path:
+    """Load the base pipeline (and LoRA), render one clip, write it as mp4."""
+    from PIL import Image
+
+    from cogvx.inference import pick_device, prepare_for_device, render, write_video
+    from cogvx.models.loader import load_pipeline, resolve_dtype
+
+    spec, device = config.spec, pick_device()
+    pipe = load_pipeline(config.model_source, spec, dtype=resolve_dtype(config.model.dtype, spec, device),
+                         revision=config.model.revision, cache_dir=config.model.cache_dir)
+    if request.lora is not None:
+        attach_lora(pipe, request.lora, request.lora_scale, log)
+    prepare_for_device(pipe, device)
+    bucket, validate = config.buckets[0], config.validate_
+    image = Image.open(request.image).convert("RGB") if request.image else None
+    frames = request.frames or validate.frames or bucket.frames
+    video = render(pipe, request.prompt, frames=frames,
+                   height=request.height or validate.height or bucket.height,
+                   width=request.width or validate.width or bucket.width,
+                   steps=request.steps or validate.num_inference_steps,
+                   guidance_scale=validate.guidance_scale if request.guidance_scale is None else request.guidance_scale,
+                   seed=validate.seed if request.seed is None else request.seed, image=image)
+    if video.shape[0] != frames:
+        log(f"note: the pipeline returned {video.shape[0]} frames for {frames} asked "
+            "(CogVideoX 1.0 decodes exactly when (frames - 1) / 4 + 1 is odd, e.g. 9, 17, 25, 49)")
+    return write_video(video, request.out, request.fps or validate.fps or spec.fps)

@@ -1,0 +1,1 @@
+"""Training: the objective, LoRA adapters, checkpoints and the training loop."""

@@ -1,0 +1,124 @@
+"""Resumable training checkpoints, in safetensors and JSON only (no pickle).
+
+A checkpoint folder holds the trainable weights, the optimizer state (tensors in safetensors,
+the rest in JSON), the LR scheduler state, the training RNG and the position in the data. It is
+written into a hidden staging folder and renamed into place, so ``latest`` never picks a
+half-written one; a folder without its ``state.json`` is skipped as torn.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from cogvx.errors import CogvxError
+from cogvx.io import atomic_directory
+
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+STATE_FILE = "state.json"
+
+
+def checkpoint_dir(root: Path, step: int) -> Path:
+    return Path(root) / f"checkpoint-{step:06d}"
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints under ``root``, oldest first (torn or staging folders left out)."""
+    if not Path(root).is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in Path(root).iterdir()
+             if (m := CHECKPOINT_PATTERN.match(p.name)) and (p / STATE_FILE).is_file()]
+    return [path for _, path in sorted(found)]
+
+
+def read_fingerprint(path: Path) -> str | None:
+    state = json.loads((Path(path) / STATE_FILE).read_text(encoding="utf-8"))
+    return state.get("progress", {}).get("fingerprint")
+
+
+def resolve_resume(root: Path, resume: str | None, fingerprint: str) -> Path | None:
+    """The checkpoint to continue from.
+
+    ``latest`` is the newest complete checkpoint written with the same training settings and data
+    (same ``fingerprint``), or None to start afresh; a path must be such a checkpoint.
+    """
+    if resume is None:
+        return None
+    if resume == "latest":
+        found = [p for p in list_checkpoints(root) if read_fingerprint(p) == fingerprint]
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / STATE_FILE).is_file():
+        raise CogvxError(f"--resume {resume}: not a complete cogvx checkpoint (no {STATE_FILE})")
+    if read_fingerprint(path) != fingerprint:
+        raise CogvxError(f"--resume {resume}: written by a run with other training settings or data; "
+                         "resuming would mix two runs (start afresh, or use the params it was made with)")
+    return path
+
+
+def _split_optimizer_state(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors, scalars = {}, {}
+    for param_id, values in state["state"].items():
+        for name, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{param_id}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(param_id), {})[name] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _join_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        param_id, name = key.split(".", 1)
+        state.setdefault(int(param_id), {})[name] = value
+    for param_id, values in meta["scalars"].items():
+        state.setdefault(int(param_id), {}).update(values)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(root: Path, step: int, trainable: dict[str, torch.Tensor], optimizer,
+                    lr_scheduler, generator: torch.Generator, progress: dict[str, Any],
+                    limit: int | None = None) -> Path:
+    """Write checkpoint ``step`` atomically, then keep only the newest ``limit`` checkpoints."""
+    target = checkpoint_dir(root, step)
+    opt_tensors, opt_meta = _split_optimizer_state(optimizer.state_dict())
+    with atomic_directory(target) as staging:
+        save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, str(staging / "trainable.safetensors"))
+        save_file(opt_tensors, str(staging / "optimizer.safetensors"))
+        save_file({"generator": generator.get_state()}, str(staging / "rng.safetensors"))
+        state = {"step": step, "progress": progress, "optimizer": opt_meta,
+                 "lr_scheduler": lr_scheduler.state_dict()}
+        (staging / STATE_FILE).write_text(json.dumps(state, indent=1, default=_jsonable), encoding="utf-8")
+    if limit is not None:
+        for old in list_checkpoints(root)[:-limit]:
+            shutil.rmtree(old)
+    return target
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    raise TypeError(f"cannot store {type(value).__name__} in a checkpoint's JSON")
+
+
+def load_checkpoint(path: Path, optimizer, lr_scheduler, generator: torch.Generator) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Restore optimizer, scheduler and RNG in place; return (trainable tensors, state)."""
+    try:
+        state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+        trainable = load_file(str(path / "trainable.safetensors"))
+        opt_tensors = load_file(str(path / "optimizer.safetensors"))
+        rng = load_file(str(path / "rng.safetensors"))["generator"]
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as err:
+        raise CogvxError(f"checkpoint {path} is damaged ({type(err).__name__}: {err}); "
+                         "resume from an older one or delete it") from None
+    optimizer.load_state_dict(_join_optimizer_state(opt_tensors, state["optimizer"]))
+    lr_scheduler.load_state_dict(state["lr_scheduler"])
+    generator.set_state(rng)
+    return trainable, state

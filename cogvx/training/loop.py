@@ -1,0 +1,347 @@
+"""`cogvx train`: one training loop for every model, over precomputed latents, with accelerate.
+
+Resumable exactly: the data order is a pure function of (seed, epoch), the noise and timesteps
+come from one CPU generator saved in every checkpoint, and the optimizer and LR scheduler state
+are restored, so N steps straight and N/2 + resume N/2 give the same weights (bit-identical on
+CPU). SIGINT/SIGTERM save a checkpoint at the next step boundary and exit with code 130.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import statistics
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from cogvx.config import Config, write_resolved_config
+from cogvx.errors import CogvxError
+from cogvx.io import atomic_write_text
+from cogvx.training.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from cogvx.training.memory import MemoryMeter, step_timing
+from cogvx.training.objective import diffusion_loss, pad_to_temporal_patch, rotary_embeddings
+
+
+class TrainingInterrupted(CogvxError):
+    """Stopped by SIGINT/SIGTERM after saving a checkpoint."""
+
+    exit_code = 130
+
+
+@dataclass
+class TrainState:
+    """Where the run is: optimizer steps done and micro-batches consumed."""
+
+    step: int = 0
+    micro_batches: int = 0
+    losses: list[tuple[int, float]] = field(default_factory=list)
+
+
+@contextmanager
+def stop_requests() -> Iterator[dict[str, int]]:
+    """Turn SIGINT/SIGTERM into a flag the loop checks between steps (restored afterwards)."""
+    flag: dict[str, int] = {}
+    handlers = {}
+
+    def request(signum, _frame):
+        flag["signal"] = signum
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        handlers[sig] = signal.signal(sig, request)
+    try:
+        yield flag
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
+def build_optimizer(params: list[torch.nn.Parameter], config: Config, device: torch.device):
+    """The optimizer named by train.optimizer, with clear errors where it cannot run here."""
+    train = config.train
+    kwargs = dict(lr=train.learning_rate, betas=(train.adam_beta1, train.adam_beta2),
+                  eps=train.adam_epsilon, weight_decay=train.weight_decay)
+    if train.optimizer == "adamw":
+        return torch.optim.AdamW(params, **kwargs)
+    if train.optimizer == "adam":
+        return torch.optim.Adam(params, **kwargs)
+    if train.optimizer == "adamw8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, **kwargs)
+    if train.optimizer == "prodigy":
+        try:
+            from prodigyopt import Prodigy
+        except ImportError:
+            raise CogvxError("train.optimizer = prodigy needs the prodigyopt package: pip install prodigyopt") from None
+        return Prodigy(params, **kwargs)
+    if device.type != "cuda":
+        raise CogvxError("train.optimizer = cpu_offload_adamw (torchao CPUOffloadOptimizer) needs a CUDA "
+                         "device; on a CPU use adamw")
+    from torchao.optim import CPUOffloadOptimizer
+
+    return CPUOffloadOptimizer(params, torch.optim.AdamW, **kwargs)
+
+
+def total_steps(config: Config, batches_per_epoch: int) -> int:
+    """train.max_steps, or train.epochs worth of optimizer steps when epochs is set."""
+    if config.train.epochs is None:
+        return config.train.max_steps
+    per_epoch = math.ceil(batches_per_epoch / config.train.gradient_accumulation_steps)
+    return max(1, config.train.epochs * per_epoch)
+
+
+def batches_from(dataset, sampler, start: int) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Micro-batches from position ``start`` on, epoch after epoch, each epoch's order fixed by its number."""
+    per_epoch = len(sampler)
+    position = start
+    while True:
+        epoch, offset = divmod(position, per_epoch)
+        sampler.set_epoch(epoch)
+        order = list(sampler)[offset:]
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=order, num_workers=0)
+        for batch in loader:
+            position += 1
+            yield position, batch
+
+
+def model_inputs(batch: dict[str, Any], spec, transformer, scaling: float, generator: torch.Generator,
+                 device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """Clean latents [B, F, C, h, w], text embeddings, and the conditioning a model needs."""
+    from cogvx.data.latents import sample_latents
+
+    latents = sample_latents(batch["latent_mean"], batch["latent_logvar"], scaling, generator).to(device)
+    patch_t = transformer.config.patch_size_t
+    extra: dict[str, Any] = {}
+    if spec.task == "i2v":
+        # The pipeline's conditioning: first-frame latents, zero frames after them, then the same
+        # temporal padding as the video latents; 1.5 scales them by 1/scaling_factor.
+        image_scale = 1.0 / scaling if spec.invert_scale_latents else scaling
+        image = sample_latents(batch["image_latent_mean"], batch["image_latent_logvar"], image_scale,
+                               generator).to(device)  # [B, 1, C, h, w]
+        zeros = image.new_zeros(image.shape[0], latents.shape[1] - 1, *image.shape[2:])  # [B, F-1, C, h, w]
+        extra["image_latents"] = pad_to_temporal_patch(torch.cat([image, zeros], dim=1), patch_t)
+        if transformer.config.ofs_embed_dim:
+            extra["ofs"] = torch.full((latents.shape[0],), 2.0, device=device)
+    latents = pad_to_temporal_patch(latents, patch_t)  # [B, F', C, h, w]
+    return latents, batch["prompt_embeds"].to(device, dtype), extra
+
+
+def _device_and_dtype(config: Config, accelerator) -> tuple[torch.device, torch.dtype]:
+    from cogvx.models.loader import resolve_dtype
+
+    device = accelerator.device
+    return device, resolve_dtype(config.model.dtype, config.spec, device)
+
+
+def _mixed_precision(config: Config, device_is_cuda: bool) -> str:
+    if config.train.mixed_precision != "auto":
+        return config.train.mixed_precision
+    return "bf16" if device_is_cuda else "no"
+
+
+@dataclass
+class Run:
+    """Everything a training run holds: accelerator, data, model, optimizer, schedulers, RNG."""
+
+    config: Config
+    accelerator: Any
+    dataset: Any
+    sampler: Any
+    folder: Path
+    transformer: Any
+    optimizer: Any
+    lr_scheduler: Any
+    noise_scheduler: Any
+    steps: int
+    dtype: torch.dtype
+    generator: torch.Generator
+    state: TrainState = field(default_factory=TrainState)
+    rotary: dict[tuple, Any] = field(default_factory=dict)
+
+    @property
+    def model(self):
+        """The transformer without accelerate's wrapper (what LoRA saving and pipelines use)."""
+        return self.accelerator.unwrap_model(self.transformer)
+
+    @property
+    def checkpoints(self) -> Path:
+        return Path(self.config.train.output_dir) / "checkpoints"
+
+
+def setup(config: Config) -> Run:
+    """Build a run: data, transformer with LoRA, optimizer and schedulers, under accelerate."""
+    from accelerate import Accelerator
+    from diffusers import CogVideoXDDIMScheduler
+    from diffusers.optimization import get_scheduler
+
+    from cogvx.data.latents import LatentDataset
+    from cogvx.models.loader import load_transformer, resolve_source
+    from cogvx.training.lora import add_lora
+
+    if config.train.method != "lora":
+        raise CogvxError("train.method = full is not available yet; use train.method=lora")
+    accelerator = Accelerator(mixed_precision=_mixed_precision(config, torch.cuda.is_available()),
+                              cpu=not torch.cuda.is_available())
+    torch.manual_seed(config.train.seed)
+    dataset = LatentDataset(config.prepare.output_dir, config)
+    device, dtype = _device_and_dtype(config, accelerator)
+    spec, lora = config.spec, config.train.lora
+    folder = resolve_source(config.model_source, config.model.revision, config.model.cache_dir, spec)
+    transformer = load_transformer(str(folder), spec, dtype=dtype)
+    if config.train.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    add_lora(transformer, lora.rank, lora.alpha, lora.target_modules or list(spec.lora_target_modules),
+             lora.dropout, lora.init)
+    optimizer = build_optimizer([p for p in transformer.parameters() if p.requires_grad], config, device)
+    sampler = dataset.batch_sampler(config.train.batch_size, seed=config.train.seed)
+    steps = total_steps(config, len(sampler))
+    lr_scheduler = get_scheduler(config.train.lr_scheduler, optimizer,
+                                 num_warmup_steps=config.train.lr_warmup_steps, num_training_steps=steps)
+    transformer, optimizer = accelerator.prepare(transformer, optimizer)
+    return Run(config=config, accelerator=accelerator, dataset=dataset, sampler=sampler, folder=folder,
+               transformer=transformer, optimizer=optimizer, lr_scheduler=lr_scheduler,
+               noise_scheduler=CogVideoXDDIMScheduler.from_pretrained(folder, subfolder="scheduler"),
+               steps=steps, dtype=dtype, generator=torch.Generator().manual_seed(config.train.seed))
+
+
+# Settings that change neither the weights a step produces nor the data order.
+NEUTRAL_TRAIN_KEYS = ("output_dir", "checkpointing_steps", "checkpoints_total_limit")
+
+
+def fingerprint(config: Config, manifest: dict[str, Any]) -> str:
+    """A hash of everything that shapes the trained weights: model, training settings, data."""
+    from cogvx.prepare import content_key
+
+    train = config.train.model_dump(mode="json", exclude=set(NEUTRAL_TRAIN_KEYS))
+    return content_key(model=config.model.model_dump(mode="json"), train=train,
+                       entries=manifest["entries"], model_record=manifest["model"])
+
+
+def restore(run: Run, checkpoint: Path) -> None:
+    """Continue ``run`` from a checkpoint: weights, optimizer, LR schedule, RNG, data position."""
+    from cogvx.training.lora import load_trainable_state
+
+    tensors, saved = load_checkpoint(checkpoint, run.optimizer, run.lr_scheduler, run.generator)
+    load_trainable_state(run.model, tensors)
+    run.state = TrainState(step=saved["step"], micro_batches=saved["progress"]["micro_batches"],
+                           losses=[tuple(x) for x in saved["progress"]["losses"]])
+
+
+def checkpoint(run: Run) -> Path:
+    from cogvx.training.lora import trainable_state
+
+    progress = {"micro_batches": run.state.micro_batches, "losses": run.state.losses,
+                "fingerprint": fingerprint(run.config, run.dataset.manifest)}
+    return save_checkpoint(run.checkpoints, run.state.step, trainable_state(run.model), run.optimizer,
+                           run.lr_scheduler, run.generator, progress,
+                           limit=run.config.train.checkpoints_total_limit)
+
+
+def micro_step(run: Run, batch: dict[str, Any], scaling: float) -> float:
+    """Forward and backward of one micro-batch; returns its loss."""
+    device = run.accelerator.device
+    latents, prompt_embeds, extra = model_inputs(batch, run.config.spec, run.model, scaling, run.generator,
+                                                 device, run.dtype)
+    key = tuple(latents.shape)
+    if key not in run.rotary:
+        height, width = latents.shape[-2] * 8, latents.shape[-1] * 8
+        run.rotary[key] = rotary_embeddings(run.model, height, width, latents.shape[1], device)
+    with run.accelerator.autocast():
+        loss = diffusion_loss(run.transformer, run.noise_scheduler, latents, prompt_embeds, run.generator,
+                              run.rotary[key], extra)
+    run.accelerator.backward(loss / run.config.train.gradient_accumulation_steps)
+    return loss.detach().item()
+
+
+def optimizer_step(run: Run, batches: Iterator, scaling: float) -> tuple[float, float]:
+    """One optimizer step over gradient_accumulation_steps micro-batches: (mean loss, grad norm)."""
+    accumulation = run.config.train.gradient_accumulation_steps
+    loss = 0.0
+    for _ in range(accumulation):
+        run.state.micro_batches, batch = next(batches)
+        loss += micro_step(run, batch, scaling) / accumulation
+    grad_norm = float(run.accelerator.clip_grad_norm_(run.transformer.parameters(), run.config.train.max_grad_norm))
+    run.optimizer.step()
+    run.lr_scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.state.step += 1
+    run.state.losses.append((run.state.step, round(loss, 6)))
+    return loss, grad_norm
+
+
+def validate(run: Run, meter: MemoryMeter) -> list[Path]:
+    from cogvx.training.validation import render_validation
+
+    meter.start("validation")
+    written = render_validation(run.config, run.folder, run.model, run.state.step,
+                                Path(run.config.train.output_dir), run.accelerator.device, run.dtype)
+    meter.stop("validation")
+    return written
+
+
+def training_loop(run: Run, meter: MemoryMeter) -> list[float]:
+    """Steps until the end (or a stop request); checkpoints and validation on schedule."""
+    from tqdm.auto import tqdm
+
+    train, every = run.config.train, run.config.validate_.every_n_steps
+    scaling = run.dataset.manifest["model"]["vae_scaling_factor"]
+    batches = batches_from(run.dataset, run.sampler, run.state.micro_batches)
+    seconds: list[float] = []
+    with stop_requests() as stop, tqdm(total=run.steps, initial=run.state.step, unit="step",
+                                       desc="training", disable=None) as bar:
+        while run.state.step < run.steps:
+            started = time.perf_counter()
+            loss, grad_norm = optimizer_step(run, batches, scaling)
+            seconds.append(time.perf_counter() - started)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{run.lr_scheduler.get_last_lr()[0]:.2e}",
+                            grad=f"{grad_norm:.3f}", s_step=f"{seconds[-1]:.2f}")
+            step = run.state.step
+            if step % train.checkpointing_steps == 0 or step == run.steps or stop:
+                checkpoint(run)
+            if stop:
+                raise TrainingInterrupted(f"interrupted at step {step}; checkpoint saved in "
+                                          f"{run.checkpoints}; continue with --resume latest")
+            if every and step % every == 0 and step < run.steps:
+                meter.stop("train")
+                validate(run, meter)
+                meter.start("train")
+    return seconds
+
+
+def train(config: Config, resume: str | None = None, log=print) -> dict[str, Any]:
+    """Run (or resume) a fine-tune; returns the run report also written to output_dir/report.json."""
+    from cogvx.training.lora import save_lora
+
+    out = Path(config.train.output_dir)
+    meter = MemoryMeter(torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    meter.start("load")
+    run = setup(config)
+    resume_from = resolve_resume(out / "checkpoints", resume, fingerprint(config, run.dataset.manifest))
+    if resume is not None and resume_from is None:
+        log("no checkpoint of this run to resume from; starting at step 0")
+    if resume_from is not None:
+        restore(run, resume_from)
+        log(f"resumed from {resume_from} at step {run.state.step}")
+    meter.stop("load")
+    write_resolved_config(config, out)
+    meter.start("train")
+    seconds = training_loop(run, meter)
+    meter.stop("train")
+    samples = validate(run, meter)
+    info = {"base_model": config.model_source, "variant": config.spec.key, "steps": run.state.step,
+            "config": config.to_dict()}
+    lora_file = save_lora(run.model, out / "lora", info)
+    report = {"steps": run.state.step, "final_loss": run.state.losses[-1][1] if run.state.losses else None,
+              "lora": str(lora_file), "validation_videos": [str(p) for p in samples],
+              "memory": meter.report(),
+              "timing": step_timing(seconds, config.train.batch_size * config.train.gradient_accumulation_steps),
+              "losses": run.state.losses}
+    atomic_write_text(out / "report.json", json.dumps(report, indent=1) + "\n")
+    return report

@@ -1,0 +1,62 @@
+"""The CogVideoX training objective (shared/reference/training-objective.md), on diffusers' code.
+
+v-prediction turned into an x0 prediction with the scheduler's ``get_velocity``, weighted by
+1 / (1 - alphas_cumprod[t]), which equals plain v-prediction MSE. Rotary embeddings come from the
+pipeline's own method, so training and generation use exactly the same positions.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+
+VAE_SPATIAL_SCALE = 8
+
+
+def rotary_embeddings(transformer, height: int, width: int, latent_frames: int,
+                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Rotary (cos, sin) for a bucket, as the pipeline computes them; None for sincos models (2b)."""
+    from diffusers import CogVideoXPipeline
+
+    if not transformer.config.use_rotary_positional_embeddings:
+        return None
+    host = SimpleNamespace(transformer=transformer, vae_scale_factor_spatial=VAE_SPATIAL_SCALE)
+    return CogVideoXPipeline._prepare_rotary_positional_embeddings(host, height, width, latent_frames, device)
+
+
+def pad_to_temporal_patch(latents: torch.Tensor, patch_size_t: int | None) -> torch.Tensor:
+    """Prepend copies of the first latent frame until the count divides patch_size_t (1.5 models),
+    as the diffusers pipeline pads; latents are [B, F, C, h, w]."""
+    if not patch_size_t:
+        return latents
+    missing = (-latents.shape[1]) % patch_size_t
+    if missing == 0:
+        return latents
+    first = latents[:, :1].expand(-1, missing, -1, -1, -1)  # [B, missing, C, h, w]
+    return torch.cat([first, latents], dim=1)  # [B, F + missing, C, h, w]
+
+
+def diffusion_loss(transformer, scheduler, latents: torch.Tensor, prompt_embeds: torch.Tensor,
+                   generator: torch.Generator, rotary=None, extra_inputs: dict | None = None) -> torch.Tensor:
+    """One training loss: noise clean latents [B, F, C, h, w] at random timesteps, predict, compare.
+
+    ``generator`` draws the timesteps and the noise (on the CPU, so a resumed run on any device
+    draws the same numbers); ``extra_inputs`` carries channel-concatenated image latents or ofs.
+    """
+    batch = latents.shape[0]
+    steps = scheduler.config.num_train_timesteps
+    timesteps = torch.randint(0, steps, (batch,), generator=generator).to(latents.device)
+    noise = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
+    noisy = scheduler.add_noise(latents, noise, timesteps)  # [B, F, C, h, w]
+    model_input = noisy
+    extra = dict(extra_inputs or {})
+    if "image_latents" in extra:
+        model_input = torch.cat([noisy, extra.pop("image_latents")], dim=2)  # [B, F, 2C, h, w]
+    output = transformer(hidden_states=model_input.to(prompt_embeds.dtype), encoder_hidden_states=prompt_embeds,
+                         timestep=timesteps, image_rotary_emb=rotary, return_dict=False, **extra)[0]
+    predicted = scheduler.get_velocity(output.float(), noisy.float(), timesteps)  # x0 estimate
+    alphas = scheduler.alphas_cumprod.to(latents.device)[timesteps].float()
+    weights = (1.0 / (1.0 - alphas)).view(batch, 1, 1, 1, 1)  # [B, 1, 1, 1, 1]
+    per_sample = (weights * (predicted - latents.float()) ** 2).reshape(batch, -1).mean(dim=1)  # [B]
+    return per_sample.mean()
