@@ -210,3 +210,50 @@ def test_resume_refuses_checkpoints_of_other_settings(prepared, tmp_path):
     assert fresh["steps"] == 3 and len(fresh["losses"]) == 3
     with pytest.raises(CogvxError, match="other training settings or data"):
         run(prepared, tmp_path / "run", "train.max_steps=2", "train.learning_rate=5e-3", resume=str(saved))
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw8bit"])
+def test_other_optimizers_step(prepared, tmp_path, optimizer):
+    report = run(prepared, tmp_path / "run", "train.max_steps=2", f"train.optimizer={optimizer}",
+                 "train.lr_scheduler=cosine", "train.lr_warmup_steps=1")
+    assert report["steps"] == 2 and np.isfinite(report["final_loss"])
+
+
+def test_gpu_only_optimizer_is_refused_on_cpu(prepared, tmp_path):
+    from cogvx.errors import CogvxError
+
+    if torch.cuda.is_available():
+        pytest.skip("runs on a CPU-only machine")
+    with pytest.raises(CogvxError, match="cpu_offload_adamw .* needs a CUDA device"):
+        run(prepared, tmp_path / "run", "train.max_steps=1", "train.optimizer=cpu_offload_adamw")
+
+
+def test_8bit_adamw_state_survives_a_checkpoint(tmp_path):
+    """bitsandbytes nests tensors in its state; a round trip through the checkpoint keeps them all."""
+    import bitsandbytes as bnb
+    from diffusers.optimization import get_scheduler
+
+    from cogvx.training.checkpoint import load_checkpoint, save_checkpoint
+
+    def make():
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(5000)), torch.nn.Parameter(torch.randn(10))]
+        optimizer = bnb.optim.AdamW8bit(params, lr=1e-3)
+        return params, optimizer, get_scheduler("constant", optimizer)
+
+    params, optimizer, scheduler = make()
+    for _ in range(2):
+        sum(p.square().sum() for p in params).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    saved = save_checkpoint(tmp_path, 2, {"w": params[0]}, optimizer, scheduler, torch.Generator(), {})
+    _, fresh, fresh_scheduler = make()
+    load_checkpoint(saved, fresh, fresh_scheduler, torch.Generator())
+    before, after = optimizer.state_dict()["state"], fresh.state_dict()["state"]
+    for pid in before:
+        quant_before = before[pid]["__bnb_optimizer_quant_state__"]
+        quant_after = after[pid]["__bnb_optimizer_quant_state__"]
+        assert quant_before.keys() == quant_after.keys() and before[pid]["step"] == after[pid]["step"]
+        for name, value in quant_before.items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value.cpu(), quant_after[name].cpu()), name

@@ -63,23 +63,38 @@ def resolve_resume(root: Path, resume: str | None, fingerprint: str) -> Path | N
 
 
 def _split_optimizer_state(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    tensors, scalars = {}, {}
-    for param_id, values in state["state"].items():
-        for name, value in values.items():
+    """Tensors (at any depth: bitsandbytes nests its quantization state) to safetensors keys
+    ``param/name[/sub...]``; everything else to JSON."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def split(node: dict[str, Any], prefix: str) -> dict[str, Any]:
+        scalars = {}
+        for name, value in node.items():
+            key = f"{prefix}/{name}"
             if isinstance(value, torch.Tensor):
-                tensors[f"{param_id}.{name}"] = value.detach().cpu().contiguous()
+                tensors[key] = value.detach().cpu().contiguous()
+            elif isinstance(value, dict):
+                scalars[name] = {"__nested__": split(value, key)}
             else:
-                scalars.setdefault(str(param_id), {})[name] = value
+                scalars[name] = value
+        return scalars
+
+    scalars = {str(pid): split(values, str(pid)) for pid, values in state["state"].items()}
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
 def _join_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
-    state: dict[int, dict[str, Any]] = {}
+    def join(scalars: dict[str, Any]) -> dict[str, Any]:
+        return {name: join(value["__nested__"]) if isinstance(value, dict) and "__nested__" in value else value
+                for name, value in scalars.items()}
+
+    state: dict[int, dict[str, Any]] = {int(pid): join(values) for pid, values in meta["scalars"].items()}
     for key, value in tensors.items():
-        param_id, name = key.split(".", 1)
-        state.setdefault(int(param_id), {})[name] = value
-    for param_id, values in meta["scalars"].items():
-        state.setdefault(int(param_id), {}).update(values)
+        pid, *path = key.split("/")
+        node = state.setdefault(int(pid), {})
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
