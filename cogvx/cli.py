@@ -238,7 +238,7 @@ def train(
     from cogvx.training.loop import train as run_training
 
     report = run_training(config, resume=resume, log=out.print)
-    summary = {key: report[key] for key in ("steps", "final_loss", "lora", "timing", "memory")}
+    summary = {key: report[key] for key in ("steps", "final_loss", "method", "weights", "timing", "memory")}
     out.print_json(json.dumps(summary))
 
 
@@ -248,6 +248,8 @@ def generate(
     out_file: Annotated[Path, typer.Option("--out", help="mp4 file to write.")] = Path("outputs/generated.mp4"),
     lora: Annotated[Optional[Path], typer.Option(help="LoRA file, or the folder `cogvx train` wrote it to.")] = None,
     lora_scale: Annotated[float, typer.Option(help="Strength multiplier on top of the file's alpha/rank; 0 = base model.")] = 1.0,
+    transformer: Annotated[Optional[Path], typer.Option(help="A fully fine-tuned transformer folder (train.method=full) to use instead of the base one.")] = None,
+    weights: Annotated[Optional[Path], typer.Option(help="What `cogvx train` wrote (its lora/ or full/ folder): picks --lora or --transformer by itself.")] = None,
     frames: Annotated[Optional[int], typer.Option(help="Frames (model's frame rule); default: validate.frames or the training size.")] = None,
     height: Annotated[Optional[int], typer.Option(help="Height in pixels (multiple of 16).")] = None,
     width: Annotated[Optional[int], typer.Option(help="Width in pixels (multiple of 16).")] = None,
@@ -265,7 +267,11 @@ def generate(
     config = resolve_config(params, [*(overrides or []), *extra])
     from cogvx.generate import GenerateRequest, generate as run_generate
 
-    request = GenerateRequest(prompt=prompt or config.validate_.prompts[0], out=out_file, lora=lora, lora_scale=lora_scale, steps=steps,
+    if weights is not None:
+        is_lora = (weights / "pytorch_lora_weights.safetensors").is_file() or weights.suffix == ".safetensors"
+        lora, transformer = (weights, transformer) if is_lora else (lora, weights)
+    request = GenerateRequest(prompt=prompt or config.validate_.prompts[0], out=out_file, lora=lora,
+                              lora_scale=lora_scale, transformer=transformer, steps=steps,
                               guidance_scale=guidance, seed=seed, fps=fps, image=image)
     path = run_generate(config, request, log=out.print)
     out.print(f"wrote {path}")

@@ -61,6 +61,8 @@ class DataConfig(Section):
     resize_mode: Literal["center_crop", "random_crop", "resize"] = Field("center_crop", description="Fit clips to the bucket: scale to cover then crop centred or at random, or stretch.")
     random_flip: float = Field(0.0, ge=0.0, le=1.0, description="Probability of flipping a clip horizontally, in [0, 1].")
     skip_invalid: bool = Field(False, description="Drop invalid samples (with a report) instead of stopping on them.")
+    id_token: str | None = Field(None, description="Word prepended to every caption (e.g. a rare token naming your subject or style).")
+    image_noise: bool = Field(True, description="Image-to-video: add pixel noise (sigma = exp(N(-3, 0.5))) to the first frame before encoding, as the reference trainers do.")
     synthetic_clips: int = Field(12, ge=1, description="Clips made when source is 'synthetic'.")
     seed: int = Field(0, ge=0, description="Seed of synthetic clips and of random crops and flips.")
 
@@ -141,6 +143,9 @@ class TrainConfig(Section):
     gradient_checkpointing: bool = Field(True, description="Recompute block activations in the backward pass to save memory.")
     checkpointing_steps: int = Field(50, ge=1, description="Save a resumable checkpoint every N steps.")
     checkpoints_total_limit: int | None = Field(3, ge=1, description="Keep at most this many checkpoints; null keeps all.")
+    caption_dropout: float = Field(0.0, ge=0.0, le=1.0, description="Probability of training a sample with the empty caption (helps classifier-free guidance).")
+    image_dropout: float = Field(0.05, ge=0.0, le=1.0, description="Image-to-video: probability of zeroing a sample's first-frame latents.")
+    ignore_learned_positional_embeddings: bool = Field(False, description="Image-to-video 5b: ignore the learned positional embeddings fixed to 480x720, to train (and generate) at other sizes.")
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapter settings (train.method = lora).")
 
 

@@ -19,6 +19,7 @@ class GenerateRequest:
     out: Path
     lora: Path | None = None
     lora_scale: float = 1.0
+    transformer: Path | None = None
     frames: int | None = None
     height: int | None = None
     width: int | None = None
@@ -52,6 +53,11 @@ def attach_lora(pipe, path: Path, scale: float, log=print) -> dict:
     except (ValueError, KeyError, RuntimeError) as err:
         raise CogvxError(f"{path} does not fit this model's transformer: {str(err).splitlines()[0][:200]}") from None
     pipe.set_adapters([ADAPTER], [scale])
+    trained = meta["cogvx"].get("config", {}).get("train", {})
+    if trained.get("ignore_learned_positional_embeddings"):
+        from cogvx.training.loop import ignore_learned_positions
+
+        ignore_learned_positions(pipe.transformer)
     if meta["rank"] and meta["alpha"]:
         log(f"LoRA rank {meta['rank']}, alpha {meta['alpha']:g}: strength {scale:g} x alpha/rank "
             f"= {scale * meta['alpha'] / meta['rank']:g}")
@@ -68,8 +74,9 @@ def generate(config: Config, request: GenerateRequest, log=print) -> Path:
     from cogvx.models.loader import load_pipeline, resolve_dtype
 
     spec, device = config.spec, pick_device()
-    pipe = load_pipeline(config.model_source, spec, dtype=resolve_dtype(config.model.dtype, spec, device),
-                         revision=config.model.revision, cache_dir=config.model.cache_dir)
+    dtype = resolve_dtype(config.model.dtype, spec, device)
+    pipe = load_pipeline(config.model_source, spec, dtype=dtype, revision=config.model.revision,
+                         cache_dir=config.model.cache_dir, transformer=request.transformer)
     if request.lora is not None:
         attach_lora(pipe, request.lora, request.lora_scale, log)
     prepare_for_device(pipe, device)

@@ -24,8 +24,8 @@ from PIL import Image
 from cogvx import __version__
 from cogvx.config import Config, write_resolved_config
 from cogvx.data.buckets import Bucket, BucketBatchSampler, assign_bucket
-from cogvx.data.latents import (MANIFEST_FORMAT, is_complete, text_file, video_file,
-                                write_manifest)
+from cogvx.data.latents import (MANIFEST_FORMAT, is_complete, read_manifest, text_file,
+                                video_file, write_manifest)
 from cogvx.io import atomic_file
 
 VIDEO_TENSORS = ("latent_mean", "latent_logvar")
@@ -88,13 +88,21 @@ def model_identity(folder: Path, component: str) -> dict[str, Any]:
             "files": [(p.name, p.stat().st_size) for p in files]}
 
 
+def text_encoder_id(folder: Path) -> str:
+    return content_key(**model_identity(folder, "text_encoder"), tokenizer=model_identity(folder, "tokenizer"))
+
+
+def text_key(caption: str, encoder_id: str, config: Config) -> str:
+    return content_key(caption=caption, encoder=encoder_id, tokens=MAX_TEXT_TOKENS, dtype=config.model.dtype)
+
+
 def plan_samples(samples, infos, config: Config, folder: Path) -> list[Plan]:
     """Assign each valid sample its bucket and content keys."""
     from cogvx.data.video import usable_frame_count
 
     data = config.data
     vae_id = content_key(**model_identity(folder, "vae"))
-    text_id = content_key(**model_identity(folder, "text_encoder"), tokenizer=model_identity(folder, "tokenizer"))
+    encoder_id = text_encoder_id(folder)
     wants_image = config.spec.task == "i2v"
     plans = []
     for sample in samples:
@@ -102,16 +110,16 @@ def plan_samples(samples, infos, config: Config, folder: Path) -> list[Plan]:
         usable = usable_frame_count(info, data.fps, data.skip_frames_start, data.skip_frames_end)
         bucket = assign_bucket(usable, info.height, info.width, config.buckets)
         crop_seed = int(content_key(seed=data.seed, video=sample.video_rel)[:8], 16)
+        image_source = (file_sha256(sample.image) if sample.image else "first-frame") if wants_image else None
         video_key = content_key(
             clip=file_sha256(sample.video), bucket=str(bucket), fps=data.fps,
             skip=(data.skip_frames_start, data.skip_frames_end), mode=data.resize_mode,
             flip=data.random_flip, crop_seed=crop_seed, vae=vae_id, dtype=config.model.dtype,
-            image=(file_sha256(sample.image) if sample.image else "first-frame") if wants_image else None)
-        text_key = content_key(caption=sample.caption, encoder=text_id, tokens=MAX_TEXT_TOKENS,
-                               dtype=config.model.dtype)
+            image=image_source, image_noise=data.image_noise if wants_image else None)
+        caption = f"{data.id_token} {sample.caption}" if data.id_token else sample.caption
         plans.append(Plan(origin=sample.origin, video=sample.video, video_rel=sample.video_rel,
-                          image=sample.image, caption=sample.caption, bucket=bucket,
-                          video_key=video_key, text_key=text_key, crop_seed=crop_seed))
+                          image=sample.image, caption=caption, bucket=bucket, video_key=video_key,
+                          text_key=text_key(caption, encoder_id, config), crop_seed=crop_seed))
     return plans
 
 
@@ -143,7 +151,16 @@ class ClipDataset(torch.utils.data.Dataset):
                                             data.resize_mode, image_gen)  # [1, C, H, W]
             else:
                 item["image"] = video[:1].clone()  # [1, C, H, W]: the clip's first frame
+            if data.image_noise:
+                item["image"] = add_pixel_noise(item["image"], plan.crop_seed)
         return item
+
+
+def add_pixel_noise(image: torch.Tensor, seed: int) -> torch.Tensor:
+    """Image-to-video conditioning noise: sigma = exp(N(-3, 0.5)), drawn once per clip (seeded)."""
+    generator = torch.Generator().manual_seed(seed + 1)
+    sigma = torch.exp(torch.normal(-3.0, 0.5, (1,), generator=generator))
+    return image + sigma * torch.randn(image.shape, generator=generator)
 
 
 def _read_rgb(path: Path):
@@ -208,7 +225,7 @@ def _save(path: Path, tensors: dict[str, torch.Tensor]) -> None:
                   metadata={"format": MANIFEST_FORMAT})
 
 
-def build_manifest(config: Config, plans: list[Plan], source: str) -> dict[str, Any]:
+def build_manifest(config: Config, plans: list[Plan], source: str, empty_key: str) -> dict[str, Any]:
     """Everything training needs to trust the files: model, buckets, config, one entry per sample."""
     spec = config.spec
     return {
@@ -218,6 +235,7 @@ def build_manifest(config: Config, plans: list[Plan], source: str) -> dict[str, 
                   "generation": spec.generation, "vae_scaling_factor": spec.vae_scaling_factor,
                   "invert_scale_latents": spec.invert_scale_latents},
         "buckets": sorted({str(plan.bucket) for plan in plans}),
+        "empty_text_key": empty_key,
         "prepare": config.prepare.model_dump(mode="json"),
         "data": config.data.model_dump(mode="json"),
         "entries": [{"origin": p.origin, "video": p.video_rel, "caption": p.caption,
@@ -237,6 +255,7 @@ def remove_partial_files(out: Path) -> None:
 def prune_unreferenced(out: Path, plans: list[Plan]) -> int:
     """Delete latents no entry of the new manifest uses; returns how many."""
     keep = {video_file(out, p.video_key) for p in plans} | {text_file(out, p.text_key) for p in plans}
+    keep |= set((out / "texts").glob(f"{read_manifest(out)['empty_text_key']}.safetensors"))
     removed = 0
     for path in list((out / "videos").glob("*.safetensors")) + list((out / "texts").glob("*.safetensors")):
         if path not in keep:
@@ -276,7 +295,9 @@ def run_prepare(config: Config, prune: bool = False, log=print) -> PrepareSummar
     remove_partial_files(out)
     names = VIDEO_TENSORS + (IMAGE_TENSORS if spec.task == "i2v" else ())
     todo_videos = list({p.video_key: p for p in plans if not is_complete(video_file(out, p.video_key), names)}.values())
-    todo_texts = {p.text_key: p.caption for p in plans if not is_complete(text_file(out, p.text_key), TEXT_TENSORS)}
+    empty_key = text_key("", text_encoder_id(folder), config)  # for caption dropout
+    captions = {empty_key: "", **{p.text_key: p.caption for p in plans}}
+    todo_texts = {k: c for k, c in captions.items() if not is_complete(text_file(out, k), TEXT_TENSORS)}
     device = _device(config)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -293,7 +314,7 @@ def run_prepare(config: Config, prune: bool = False, log=print) -> PrepareSummar
         with tqdm(total=len(todo_videos), unit="clip", desc="encoding clips", disable=None) as bar:
             videos_done = encode_videos(pipe, todo_videos, report.infos, config, out, device, dtype, bar)
         texts_done = encode_texts(pipe, todo_texts, out, device, dtype)
-    write_manifest(out, build_manifest(config, plans, config.model_source))
+    write_manifest(out, build_manifest(config, plans, config.model_source, empty_key))
     write_resolved_config(config, out)
     if prune:
         log(f"pruned {prune_unreferenced(out, plans)} unreferenced latent files")

@@ -44,7 +44,7 @@ def digests(out: Path) -> dict[str, str]:
 def test_prepare_encodes_every_clip_and_caption(synthetic, tiny_models, tmp_path):
     config = make_config(synthetic, tiny_models["tiny-t2v"], tmp_path / "latents")
     summary = run_prepare(config)
-    assert (summary.samples, summary.videos_encoded, summary.texts_encoded) == (N_CLIPS, N_CLIPS, N_CLIPS)
+    assert (summary.samples, summary.videos_encoded, summary.texts_encoded) == (N_CLIPS, N_CLIPS, N_CLIPS + 1)
     assert summary.peak_memory_gib > 0 and summary.seconds > 0
     manifest = read_manifest(tmp_path / "latents")
     assert manifest["model"]["variant"] == "tiny-t2v" and manifest["buckets"] == ["9x64x96"]

@@ -196,7 +196,7 @@ def test_other_families_train_a_few_steps(variant, tiny_models, tmp_path):
     run_prepare(config, log=lambda *_: None)
     report = train(config, log=lambda *_: None)
     assert report["steps"] == 2 and np.isfinite(report["final_loss"])
-    meta = read_lora_metadata(Path(report["lora"]))
+    meta = read_lora_metadata(Path(report["weights"]) / "pytorch_lora_weights.safetensors")
     assert meta["cogvx"]["variant"] == variant
 
 

@@ -107,6 +107,7 @@ class LatentDataset(torch.utils.data.Dataset):
         if not self.entries:
             raise LatentsError(f"{self.root / MANIFEST_NAME} lists no samples; run `cogvx prepare`")
         self.has_images = manifest["model"]["task"] == "i2v"
+        self.empty_prompt_embeds = self._load(text_file(self.root, manifest["empty_text_key"]))["prompt_embeds"]
 
     def __len__(self) -> int:
         return len(self.entries)

@@ -120,19 +120,23 @@ def read_model_index(folder: Path) -> dict[str, Any]:
 
 def load_pipeline(source: str, spec: ModelSpec, dtype: torch.dtype = torch.float32,
                   revision: str | None = None, cache_dir: str | Path | None = None,
-                  skip: tuple[str, ...] = ()):
+                  skip: tuple[str, ...] = (), transformer: str | Path | None = None):
     """The diffusers pipeline at ``source``, checked against ``spec`` before any weight loads.
 
     ``skip`` names components not to load (e.g. ``("transformer",)`` for encoding, which needs
-    only the VAE and the text encoder); they are None in the returned pipeline.
+    only the VAE and the text encoder); they are None in the returned pipeline. ``transformer``
+    is a fully fine-tuned transformer folder to use instead of the pipeline's own.
     """
     import diffusers
 
     folder = resolve_source(source, revision, cache_dir, spec)
     index = read_model_index(folder)
     check_matches_spec(read_transformer_config(folder), spec, source)
+    parts: dict[str, Any] = {name: None for name in skip}
+    if transformer is not None:
+        parts["transformer"] = load_transformer(str(transformer), spec, dtype=dtype)
     pipeline_cls = getattr(diffusers, index["_class_name"])
-    return pipeline_cls.from_pretrained(folder, dtype=dtype, **{name: None for name in skip})
+    return pipeline_cls.from_pretrained(folder, dtype=dtype, **parts)
 
 
 def load_transformer(source: str, spec: ModelSpec, dtype: torch.dtype = torch.float32,

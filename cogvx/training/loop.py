@@ -110,12 +110,25 @@ def batches_from(dataset, sampler, start: int) -> Iterator[tuple[int, dict[str, 
             yield position, batch
 
 
-def model_inputs(batch: dict[str, Any], spec, transformer, scaling: float, generator: torch.Generator,
-                 device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-    """Clean latents [B, F, C, h, w], text embeddings, and the conditioning a model needs."""
+def drop_mask(batch: int, probability: float, generator: torch.Generator) -> torch.Tensor:
+    """Which samples of a batch to drop (True), each with ``probability``; draws even at p = 0
+    so the random stream, and with it exact resume, does not depend on the setting."""
+    return torch.rand(batch, generator=generator) < probability
+
+
+def model_inputs(batch: dict[str, Any], run_config: Config, transformer, scaling: float,
+                 generator: torch.Generator, device: torch.device, dtype: torch.dtype,
+                 empty_prompt: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """Clean latents [B, F, C, h, w], text embeddings (caption dropout applied), and the
+    conditioning the model needs (image latents with dropout, ofs)."""
     from cogvx.data.latents import sample_latents
 
+    spec, train = run_config.spec, run_config.train
     latents = sample_latents(batch["latent_mean"], batch["latent_logvar"], scaling, generator).to(device)
+    prompt_embeds = batch["prompt_embeds"]  # [B, L, D]
+    dropped = drop_mask(latents.shape[0], train.caption_dropout, generator)
+    if empty_prompt is not None and dropped.any():
+        prompt_embeds = torch.where(dropped.view(-1, 1, 1), empty_prompt.expand_as(prompt_embeds), prompt_embeds)
     patch_t = transformer.config.patch_size_t
     extra: dict[str, Any] = {}
     if spec.task == "i2v":
@@ -124,12 +137,14 @@ def model_inputs(batch: dict[str, Any], spec, transformer, scaling: float, gener
         image_scale = 1.0 / scaling if spec.invert_scale_latents else scaling
         image = sample_latents(batch["image_latent_mean"], batch["image_latent_logvar"], image_scale,
                                generator).to(device)  # [B, 1, C, h, w]
+        keep = ~drop_mask(image.shape[0], train.image_dropout, generator)
+        image = image * keep.to(device, image.dtype).view(-1, 1, 1, 1, 1)
         zeros = image.new_zeros(image.shape[0], latents.shape[1] - 1, *image.shape[2:])  # [B, F-1, C, h, w]
         extra["image_latents"] = pad_to_temporal_patch(torch.cat([image, zeros], dim=1), patch_t)
         if transformer.config.ofs_embed_dim:
             extra["ofs"] = torch.full((latents.shape[0],), 2.0, device=device)
     latents = pad_to_temporal_patch(latents, patch_t)  # [B, F', C, h, w]
-    return latents, batch["prompt_embeds"].to(device, dtype), extra
+    return latents, prompt_embeds.to(device, dtype), extra
 
 
 def _device_and_dtype(config: Config, accelerator) -> tuple[torch.device, torch.dtype]:
@@ -174,6 +189,40 @@ class Run:
         return Path(self.config.train.output_dir) / "checkpoints"
 
 
+def ignore_learned_positions(transformer) -> None:
+    """Stop adding the 5b-I2V positional embeddings learned for 480x720 (rotary still gives
+    positions), so other sizes train; the saved config says so, for generation to match."""
+    transformer.patch_embed.use_learned_positional_embeddings = False
+    transformer.register_to_config(use_learned_positional_embeddings=False)
+    transformer.patch_embed._non_persistent_buffers_set.add("pos_embedding")
+
+
+def check_learned_positions(transformer, buckets) -> None:
+    """Learned positional embeddings (5b-I2V) only fit their own size: say so before training."""
+    cfg = transformer.config
+    if not cfg.use_learned_positional_embeddings:
+        return
+    native = (cfg.sample_height * 8, cfg.sample_width * 8)
+    other = sorted({str(b) for b in buckets if (b.height, b.width) != native})
+    if other:
+        raise CogvxError(f"this model's learned positional embeddings fit {native[0]}x{native[1]} only, "
+                         f"but buckets {', '.join(other)} differ; set "
+                         "train.ignore_learned_positional_embeddings=true to train at other sizes")
+
+
+def save_final(run: Run, out: Path, info: dict[str, Any]) -> Path:
+    """LoRA file (method lora) or a diffusers transformer folder in safetensors shards (full)."""
+    from cogvx.io import atomic_directory
+    from cogvx.training.lora import save_lora
+
+    if run.config.train.method == "lora":
+        return save_lora(run.model, out / "lora", info).parent
+    with atomic_directory(out / "full") as staging:
+        run.model.save_pretrained(staging, safe_serialization=True, max_shard_size="5GB")
+        (staging / "cogvx-training.json").write_text(json.dumps(info, indent=1, default=str), encoding="utf-8")
+    return out / "full"
+
+
 def setup(config: Config) -> Run:
     """Build a run: data, transformer with LoRA, optimizer and schedulers, under accelerate."""
     from accelerate import Accelerator
@@ -184,8 +233,6 @@ def setup(config: Config) -> Run:
     from cogvx.models.loader import load_transformer, resolve_source
     from cogvx.training.lora import add_lora
 
-    if config.train.method != "lora":
-        raise CogvxError("train.method = full is not available yet; use train.method=lora")
     accelerator = Accelerator(mixed_precision=_mixed_precision(config, torch.cuda.is_available()),
                               cpu=not torch.cuda.is_available())
     torch.manual_seed(config.train.seed)
@@ -196,8 +243,14 @@ def setup(config: Config) -> Run:
     transformer = load_transformer(str(folder), spec, dtype=dtype)
     if config.train.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
-    add_lora(transformer, lora.rank, lora.alpha, lora.target_modules or list(spec.lora_target_modules),
-             lora.dropout, lora.init)
+    if config.train.ignore_learned_positional_embeddings:
+        ignore_learned_positions(transformer)
+    check_learned_positions(transformer, dataset.buckets)
+    if config.train.method == "lora":
+        add_lora(transformer, lora.rank, lora.alpha, lora.target_modules or list(spec.lora_target_modules),
+                 lora.dropout, lora.init)
+    else:
+        transformer.requires_grad_(True)
     optimizer = build_optimizer([p for p in transformer.parameters() if p.requires_grad], config, device)
     sampler = dataset.batch_sampler(config.train.batch_size, seed=config.train.seed)
     steps = total_steps(config, len(sampler))
@@ -246,8 +299,8 @@ def checkpoint(run: Run) -> Path:
 def micro_step(run: Run, batch: dict[str, Any], scaling: float) -> float:
     """Forward and backward of one micro-batch; returns its loss."""
     device = run.accelerator.device
-    latents, prompt_embeds, extra = model_inputs(batch, run.config.spec, run.model, scaling, run.generator,
-                                                 device, run.dtype)
+    latents, prompt_embeds, extra = model_inputs(batch, run.config, run.model, scaling, run.generator,
+                                                 device, run.dtype, run.dataset.empty_prompt_embeds)
     key = tuple(latents.shape)
     if key not in run.rotary:
         height, width = latents.shape[-2] * 8, latents.shape[-1] * 8
@@ -317,8 +370,6 @@ def training_loop(run: Run, meter: MemoryMeter) -> list[float]:
 
 def train(config: Config, resume: str | None = None, log=print) -> dict[str, Any]:
     """Run (or resume) a fine-tune; returns the run report also written to output_dir/report.json."""
-    from cogvx.training.lora import save_lora
-
     out = Path(config.train.output_dir)
     meter = MemoryMeter(torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
     meter.start("load")
@@ -337,9 +388,9 @@ def train(config: Config, resume: str | None = None, log=print) -> dict[str, Any
     samples = validate(run, meter)
     info = {"base_model": config.model_source, "variant": config.spec.key, "steps": run.state.step,
             "config": config.to_dict()}
-    lora_file = save_lora(run.model, out / "lora", info)
+    weights = save_final(run, out, info)
     report = {"steps": run.state.step, "final_loss": run.state.losses[-1][1] if run.state.losses else None,
-              "lora": str(lora_file), "validation_videos": [str(p) for p in samples],
+              "weights": str(weights), "method": config.train.method, "validation_videos": [str(p) for p in samples],
               "memory": meter.report(),
               "timing": step_timing(seconds, config.train.batch_size * config.train.gradient_accumulation_steps),
               "losses": run.state.losses}
