@@ -133,7 +133,7 @@ class TrainConfig(Section):
     learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate.")
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"] = Field("constant_with_warmup", description="Learning-rate schedule (diffusers get_scheduler names).")
     lr_warmup_steps: int = Field(0, ge=0, description="Steps of linear warm-up at the start.")
-    optimizer: Literal["adamw", "adam", "adamw8bit", "prodigy", "cpu_offload_adamw"] = Field("adamw", description="Optimizer; adamw8bit uses bitsandbytes, cpu_offload_adamw torchao (GPU only).")
+    optimizer: Literal["adamw", "adam", "adamw8bit", "prodigy", "cpu_offload_adamw"] = Field("adamw", description="Optimizer; adamw8bit uses bitsandbytes, prodigy prodigyopt (set learning_rate 1.0), cpu_offload_adamw torchao (GPU only).")
     weight_decay: float = Field(1e-4, ge=0, description="Decoupled weight decay.")
     adam_beta1: float = Field(0.9, ge=0, lt=1, description="Adam beta1, in [0, 1).")
     adam_beta2: float = Field(0.95, ge=0, lt=1, description="Adam beta2, in [0, 1).")

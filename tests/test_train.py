@@ -212,7 +212,7 @@ def test_resume_refuses_checkpoints_of_other_settings(prepared, tmp_path):
         run(prepared, tmp_path / "run", "train.max_steps=2", "train.learning_rate=5e-3", resume=str(saved))
 
 
-@pytest.mark.parametrize("optimizer", ["adam", "adamw8bit"])
+@pytest.mark.parametrize("optimizer", ["adam", "adamw8bit", "prodigy"])
 def test_other_optimizers_step(prepared, tmp_path, optimizer):
     report = run(prepared, tmp_path / "run", "train.max_steps=2", f"train.optimizer={optimizer}",
                  "train.lr_scheduler=cosine", "train.lr_warmup_steps=1")

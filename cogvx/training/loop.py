@@ -75,10 +75,8 @@ def build_optimizer(params: list[torch.nn.Parameter], config: Config, device: to
 
         return bnb.optim.AdamW8bit(params, **kwargs)
     if train.optimizer == "prodigy":
-        try:
-            from prodigyopt import Prodigy
-        except ImportError:
-            raise CogvxError("train.optimizer = prodigy needs the prodigyopt package: pip install prodigyopt") from None
+        from prodigyopt import Prodigy
+
         return Prodigy(params, **kwargs)
     if device.type != "cuda":
         raise CogvxError("train.optimizer = cpu_offload_adamw (torchao CPUOffloadOptimizer) needs a CUDA "
