@@ -257,7 +257,7 @@ def prune_unreferenced(out: Path, plans: list[Plan]) -> int:
     keep = {video_file(out, p.video_key) for p in plans} | {text_file(out, p.text_key) for p in plans}
     keep |= set((out / "texts").glob(f"{read_manifest(out)['empty_text_key']}.safetensors"))
     removed = 0
-    for path in list((out / "videos").glob("*.safetensors")) + list((out / "texts").glob("*.safetensors")):
+    for path in [*(out / "videos").glob("[!.]*.safetensors"), *(out / "texts").glob("[!.]*.safetensors")]:
         if path not in keep:
             path.unlink()
             removed += 1

@@ -81,6 +81,11 @@ def test_second_run_encodes_nothing_and_a_changed_caption_only_its_text(syntheti
     assert len(digests(tmp_path / "latents")) == len(before)
 
 
+def finished_files(out: Path) -> list[Path]:
+    """Renamed (complete) latent files; hidden names are atomic writes still in flight."""
+    return [p for p in (out / "videos").glob("*.safetensors") if not p.name.startswith(".")]
+
+
 def test_killed_prepare_resumes_to_the_same_files(synthetic, tiny_models, tmp_path):
     """SIGKILL a real `cogvx prepare` after its first clip; the re-run finishes the rest."""
     reference = tmp_path / "reference"
@@ -91,11 +96,11 @@ def test_killed_prepare_resumes_to_the_same_files(synthetic, tiny_models, tmp_pa
             f"data.data_root={synthetic}", f"prepare.output_dir={out}", "prepare.num_workers=0"]
     process = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
-    while not list((out / "videos").glob("*.safetensors")) and time.monotonic() < deadline:
+    while not finished_files(out) and time.monotonic() < deadline:
         time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    partial = list((out / "videos").glob("*.safetensors"))
+    partial = finished_files(out)
     assert 1 <= len(partial) < N_CLIPS and not (out / "manifest.json").exists()
 
     resumed = run_prepare(make_config(synthetic, tiny_models["tiny-t2v"], out))

@@ -41,6 +41,7 @@ class TrainState:
     step: int = 0
     micro_batches: int = 0
     losses: list[tuple[int, float]] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)  # per optimizer step, across resumes
 
 
 @contextmanager
@@ -280,14 +281,15 @@ def restore(run: Run, checkpoint: Path) -> None:
 
     tensors, saved = load_checkpoint(checkpoint, run.optimizer, run.lr_scheduler, run.generator)
     load_trainable_state(run.model, tensors)
-    run.state = TrainState(step=saved["step"], micro_batches=saved["progress"]["micro_batches"],
-                           losses=[tuple(x) for x in saved["progress"]["losses"]])
+    progress = saved["progress"]
+    run.state = TrainState(step=saved["step"], micro_batches=progress["micro_batches"],
+                           losses=[tuple(x) for x in progress["losses"]], seconds=progress.get("seconds", []))
 
 
 def checkpoint(run: Run) -> Path:
     from cogvx.training.lora import trainable_state
 
-    progress = {"micro_batches": run.state.micro_batches, "losses": run.state.losses,
+    progress = {"micro_batches": run.state.micro_batches, "losses": run.state.losses, "seconds": run.state.seconds,
                 "fingerprint": fingerprint(run.config, run.dataset.manifest)}
     return save_checkpoint(run.checkpoints, run.state.step, trainable_state(run.model), run.optimizer,
                            run.lr_scheduler, run.generator, progress,
@@ -336,14 +338,14 @@ def validate(run: Run, meter: MemoryMeter) -> list[Path]:
     return written
 
 
-def training_loop(run: Run, meter: MemoryMeter) -> list[float]:
+def training_loop(run: Run, meter: MemoryMeter) -> None:
     """Steps until the end (or a stop request); checkpoints and validation on schedule."""
     from tqdm.auto import tqdm
 
     train, every = run.config.train, run.config.validate_.every_n_steps
     scaling = run.dataset.manifest["model"]["vae_scaling_factor"]
     batches = batches_from(run.dataset, run.sampler, run.state.micro_batches)
-    seconds: list[float] = []
+    seconds = run.state.seconds
     with stop_requests() as stop, tqdm(total=run.steps, initial=run.state.step, unit="step",
                                        desc="training", disable=None) as bar:
         while run.state.step < run.steps:
@@ -363,7 +365,6 @@ def training_loop(run: Run, meter: MemoryMeter) -> list[float]:
                 meter.stop("train")
                 validate(run, meter)
                 meter.start("train")
-    return seconds
 
 
 def train(config: Config, resume: str | None = None, log=print) -> dict[str, Any]:
@@ -381,7 +382,7 @@ def train(config: Config, resume: str | None = None, log=print) -> dict[str, Any
     meter.stop("load")
     write_resolved_config(config, out)
     meter.start("train")
-    seconds = training_loop(run, meter)
+    training_loop(run, meter)
     meter.stop("train")
     samples = validate(run, meter)
     info = {"base_model": config.model_source, "variant": config.spec.key, "steps": run.state.step,
@@ -390,7 +391,18 @@ def train(config: Config, resume: str | None = None, log=print) -> dict[str, Any
     report = {"steps": run.state.step, "final_loss": run.state.losses[-1][1] if run.state.losses else None,
               "weights": str(weights), "method": config.train.method, "validation_videos": [str(p) for p in samples],
               "memory": meter.report(),
-              "timing": step_timing(seconds, config.train.batch_size * config.train.gradient_accumulation_steps),
+              "timing": step_timing(run.state.seconds, config.train.batch_size * config.train.gradient_accumulation_steps),
               "losses": run.state.losses}
     atomic_write_text(out / "report.json", json.dumps(report, indent=1) + "\n")
+    write_metrics(report, out)
     return report
+
+
+def write_metrics(report: dict[str, Any], out: Path) -> None:
+    """Flat metrics (final loss, peak memory, s/step) and the loss curve, for DVC and dashboards."""
+    phases = report["memory"]["phases"]
+    metrics = {"final_loss": report["final_loss"], "steps": report["steps"], **report["timing"],
+               **{f"{phase}_peak_allocated_gib": values["peak_allocated_gib"] for phase, values in phases.items()},
+               **{f"{phase}_peak_reserved_gib": values["peak_reserved_gib"] for phase, values in phases.items()}}
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1) + "\n")
+    atomic_write_text(out / "loss.csv", "step,loss\n" + "".join(f"{step},{loss}\n" for step, loss in report["losses"]))
