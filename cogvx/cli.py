@@ -34,6 +34,8 @@ config_app = typer.Typer(help="Show the resolved configuration or its documented
 app.add_typer(config_app, name="config")
 data_app = typer.Typer(help="Get, make and validate training data sets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+registry_app = typer.Typer(help="The MLflow Model Registry: list and promote registered LoRAs.", no_args_is_help=True)
+app.add_typer(registry_app, name="registry")
 
 # Piped output gets a wide table instead of rich's 80-column default.
 out = Console(width=None if sys.stdout.isatty() else 160)
@@ -246,7 +248,7 @@ def train(
 def generate(
     prompt: Annotated[Optional[str], typer.Option(help="What the video shows; default: the first validate.prompts entry.")] = None,
     out_file: Annotated[Path, typer.Option("--out", help="mp4 file to write.")] = Path("outputs/generated.mp4"),
-    lora: Annotated[Optional[Path], typer.Option(help="LoRA file, or the folder `cogvx train` wrote it to.")] = None,
+    lora: Annotated[Optional[str], typer.Option(help="LoRA file, its folder, or a registry URI models:/NAME@ALIAS or models:/NAME/VERSION.")] = None,
     lora_scale: Annotated[float, typer.Option(help="Strength multiplier on top of the file's alpha/rank; 0 = base model.")] = 1.0,
     transformer: Annotated[Optional[Path], typer.Option(help="A fully fine-tuned transformer folder (train.method=full) to use instead of the base one.")] = None,
     weights: Annotated[Optional[Path], typer.Option(help="What `cogvx train` wrote (its lora/ or full/ folder): picks --lora or --transformer by itself.")] = None,
@@ -267,6 +269,10 @@ def generate(
     config = resolve_config(params, [*(overrides or []), *extra])
     from cogvx.generate import GenerateRequest, generate as run_generate
 
+    if lora is not None:
+        from cogvx.tracking import resolve_lora
+
+        lora = resolve_lora(lora, config.tracking.tracking_uri, Path("outputs/registry"))
     if weights is not None:
         is_lora = (weights / "pytorch_lora_weights.safetensors").is_file() or weights.suffix == ".safetensors"
         lora, transformer = (weights, transformer) if is_lora else (lora, weights)
@@ -275,6 +281,45 @@ def generate(
                               guidance_scale=guidance, seed=seed, fps=fps, image=image)
     path = run_generate(config, request, log=out.print)
     out.print(f"wrote {path}")
+
+
+@registry_app.command("list")
+def registry_list(
+    name: Annotated[Optional[str], typer.Option(help="Only this registered model; default: all of them.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    overrides: OverridesArg = None, params: ParamsOption = None,
+) -> None:
+    """List registered LoRA versions with their aliases and tags (tracking.tracking_uri)."""
+    config = resolve_config(params, overrides)
+    from cogvx.tracking import list_registered
+
+    rows = list_registered(config.tracking.tracking_uri, name)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table(title=f"registered models on {config.tracking.tracking_uri}")
+    for column in ("name", "version", "aliases", "variant", "rank", "alpha", "created", "run"):
+        table.add_column(column)
+    for row in rows:
+        tags = row["tags"]
+        table.add_row(row["name"], str(row["version"]), ", ".join(row["aliases"]), tags.get("variant", ""),
+                      tags.get("rank", ""), tags.get("alpha", ""), row["created"] or "", row["run_id"] or "")
+    out.print(table)
+
+
+@registry_app.command("promote")
+def registry_promote(
+    version: Annotated[str, typer.Argument(help="Version number (or an alias) to promote.", show_default=False)],
+    name: Annotated[Optional[str], typer.Option(help="Registered model; default: tracking.registered_model.")] = None,
+    alias: Annotated[str, typer.Option(help="Alias to point at the version.")] = "champion",
+    overrides: OverridesArg = None, params: ParamsOption = None,
+) -> None:
+    """Point an alias (default: champion) at a registered version; `generate --lora models:/NAME@ALIAS` uses it."""
+    config = resolve_config(params, overrides)
+    from cogvx.tracking import promote
+
+    done = promote(config.tracking.tracking_uri, name or config.tracking.registered_model, version, alias)
+    out.print(f"{done['name']}@{done['alias']} -> version {done['version']}")
 
 
 @app.command("doctor")

@@ -40,7 +40,7 @@ def latents(clips, tiny_models, tmp_path_factory) -> dict[str, Path]:
 
 def overrides(variant, clips, tiny_models, latents_dir: Path, *extra: str) -> list[str]:
     return [f"model.variant={variant}", f"model.path={tiny_models[variant]}", f"data.data_root={clips}",
-            f"prepare.output_dir={latents_dir}", "prepare.num_workers=0", *extra]
+            f"prepare.output_dir={latents_dir}", "prepare.num_workers=0", "tracking.enabled=false", *extra]
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])

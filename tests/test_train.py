@@ -42,7 +42,8 @@ def prepared(tmp_path_factory, tiny_models) -> dict[str, Path]:
 def base_overrides(paths: dict[str, Path]) -> list[str]:
     return [f"model.path={paths['model']}", f"data.data_root={paths['raw']}",
             f"prepare.output_dir={paths['latents']}", "prepare.num_workers=0",
-            "validate.num_inference_steps=2", "train.lora.rank=8", "train.lora.alpha=8"]
+            "validate.num_inference_steps=2", "train.lora.rank=8", "train.lora.alpha=8",
+            "tracking.enabled=false"]
 
 
 def run(paths, out: Path, *extra: str, resume: str | None = None) -> dict:

@@ -338,7 +338,7 @@ def validate(run: Run, meter: MemoryMeter) -> list[Path]:
     return written
 
 
-def training_loop(run: Run, meter: MemoryMeter) -> None:
+def training_loop(run: Run, meter: MemoryMeter, on_step=None) -> None:
     """Steps until the end (or a stop request); checkpoints and validation on schedule."""
     from tqdm.auto import tqdm
 
@@ -356,6 +356,8 @@ def training_loop(run: Run, meter: MemoryMeter) -> None:
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{run.lr_scheduler.get_last_lr()[0]:.2e}",
                             grad=f"{grad_norm:.3f}", s_step=f"{seconds[-1]:.2f}")
             step = run.state.step
+            if on_step is not None:
+                on_step(step, loss, run.lr_scheduler.get_last_lr()[0], grad_norm, seconds[-1])
             if step % train.checkpointing_steps == 0 or step == run.steps or stop:
                 checkpoint(run)
             if stop:
@@ -368,7 +370,31 @@ def training_loop(run: Run, meter: MemoryMeter) -> None:
 
 
 def train(config: Config, resume: str | None = None, log=print) -> dict[str, Any]:
-    """Run (or resume) a fine-tune; returns the run report also written to output_dir/report.json."""
+    """Run (or resume) a fine-tune, tracked in MLflow when tracking.enabled; returns the report.
+
+    The tracking store is checked before any model loads (a dead server fails the run at once);
+    once training is under way, a logging failure never loses the trained weights.
+    """
+    from cogvx.tracking import register_lora, tracker_for
+
+    tracker = tracker_for(config).start(config)
+    try:
+        report = _train(config, resume, log, on_step=tracker.log_step)
+    except TrainingInterrupted as err:
+        tracker.fail(str(err), status="KILLED")
+        raise
+    except BaseException as err:
+        tracker.fail(f"{type(err).__name__}: {err}")
+        raise
+    report["tracking"] = tracker.finish(report, Path(config.train.output_dir))
+    if report["tracking"]["complete"] and report["tracking"]["run_id"] and config.train.method == "lora":
+        report["tracking"]["registered"] = register_lora(Path(report["weights"]), config,
+                                                         report["tracking"]["run_id"])
+    return report
+
+
+def _train(config: Config, resume: str | None = None, log=print, on_step=None) -> dict[str, Any]:
+    """The training run itself; writes output_dir/report.json, metrics.json and loss.csv."""
     out = Path(config.train.output_dir)
     meter = MemoryMeter(torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
     meter.start("load")
@@ -380,15 +406,16 @@ def train(config: Config, resume: str | None = None, log=print) -> dict[str, Any
         restore(run, resume_from)
         log(f"resumed from {resume_from} at step {run.state.step}")
     meter.stop("load")
+    resumed_from_step = run.state.step
     write_resolved_config(config, out)
     meter.start("train")
-    training_loop(run, meter)
+    training_loop(run, meter, on_step)
     meter.stop("train")
     samples = validate(run, meter)
     info = {"base_model": config.model_source, "variant": config.spec.key, "steps": run.state.step,
             "config": config.to_dict()}
     weights = save_final(run, out, info)
-    report = {"steps": run.state.step, "final_loss": run.state.losses[-1][1] if run.state.losses else None,
+    report = {"steps": run.state.step, "resumed_from_step": resumed_from_step, "final_loss": run.state.losses[-1][1] if run.state.losses else None,
               "weights": str(weights), "method": config.train.method, "validation_videos": [str(p) for p in samples],
               "memory": meter.report(),
               "timing": step_timing(run.state.seconds, config.train.batch_size * config.train.gradient_accumulation_steps),
