@@ -316,3 +316,70 @@ def test_build_base_model_reuses_existing_model(workspace: Path, first_run: tupl
     before = index.stat().st_mtime_ns
     assert build_base_model.fn(None, [f"model.path={folder}"]) == str(folder)
     assert index.stat().st_mtime_ns == before
+
+
+@pytest.fixture
+def postgres_backend() -> Iterator[str | None]:
+    """A fresh PostgreSQL database on 127.0.0.1:5432 for the MLflow server, when one answers."""
+    import socket
+    import uuid
+
+    try:
+        import psycopg2
+    except ImportError:
+        yield None
+        return
+    with socket.socket() as sock:
+        sock.settimeout(1)
+        if sock.connect_ex(("127.0.0.1", 5432)) != 0:
+            yield None
+            return
+    name = f"cogvx_test_{uuid.uuid4().hex[:10]}"
+    admin = psycopg2.connect(host="127.0.0.1", user="postgres", dbname="postgres")
+    admin.autocommit = True
+    admin.cursor().execute(f"CREATE DATABASE {name}")
+    try:
+        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+    finally:
+        admin.cursor().execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        admin.close()
+
+
+def test_flow_against_real_prefect_and_mlflow_servers(workspace: Path, first_run, prefect_env, postgres_backend,
+                                                      tmp_path: Path) -> None:
+    """The flow tracked in a real MLflow server (PostgreSQL backend when available); both APIs
+    agree afterwards; the registered LoRA, promoted to champion, is what `cogvx generate` uses."""
+    from mlflow.tracking import MlflowClient
+
+    from tests.test_tracking import spawn_server, stop_server, wait_healthy
+
+    process, url = spawn_server(tmp_path / "mlflow", postgres_backend)
+    try:
+        wait_healthy(process, url, tmp_path / "mlflow", timeout=90)
+        from flows.finetune import finetune
+
+        overrides = [*overrides_for(workspace, "tracked")[:-1], f"tracking.tracking_uri={url}",
+                     "tracking.registered_model=flow-lora"]
+        state = finetune(params=str(workspace / "params.yaml"), overrides=overrides,
+                         out_dir=str(workspace / "tracked-samples"), return_state=True)
+        assert state.is_completed(), state.message
+        flow_run, tasks = _runs(state.state_details.flow_run_id)
+        assert flow_run.state.is_completed() and {"train", "register"} <= set(tasks)
+        summary = state.result()
+        client = MlflowClient(tracking_uri=url, registry_uri=url)
+        run_id = summary["train"]["run_id"]
+        assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [1, 2, 3]
+        videos = client.list_artifacts(run_id, "validation")
+        assert videos and any(a.path.endswith(".mp4") for a in client.list_artifacts(run_id, videos[-1].path))
+        version = summary["register"]["version"]
+        client.set_registered_model_alias("flow-lora", "champion", version)
+        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        generated = subprocess.run(
+            [sys.executable, "-m", "cogvx", "generate", "--lora", "models:/flow-lora@champion", "--steps", "2",
+             "--out", str(tmp_path / "champion.mp4"), f"tracking.tracking_uri={url}",
+             f"model.path={workspace}/models/{TINY}"],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert generated.returncode == 0, generated.stderr[-2000:]
+        assert (tmp_path / "champion.mp4").stat().st_size > 0
+    finally:
+        stop_server(process)

@@ -36,13 +36,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def spawn_server(root: Path) -> tuple[subprocess.Popen, str]:
-    """Start `mlflow server` on a free port with a SQLite store and served artifacts (no wait)."""
+def spawn_server(root: Path, backend_uri: str | None = None) -> tuple[subprocess.Popen, str]:
+    """Start `mlflow server` on a free port with a SQLite (or the given) store and served artifacts (no wait)."""
     root.mkdir(parents=True, exist_ok=True)
     port = free_port()
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
     args = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-            "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--serve-artifacts",
+            "--backend-store-uri", backend_uri or f"sqlite:///{root / 'mlflow.db'}", "--serve-artifacts",
             "--artifacts-destination", str(root / "artifacts")]
     log = open(root / "server.log", "wb")
     process = subprocess.Popen(args, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
