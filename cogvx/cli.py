@@ -36,6 +36,8 @@ data_app = typer.Typer(help="Get, make and validate training data sets.", no_arg
 app.add_typer(data_app, name="data")
 registry_app = typer.Typer(help="The MLflow Model Registry: list and promote registered LoRAs.", no_args_is_help=True)
 app.add_typer(registry_app, name="registry")
+flow_app = typer.Typer(help="Run the whole pipeline as a Prefect flow, once or on a cron schedule.", no_args_is_help=True)
+app.add_typer(flow_app, name="flow")
 
 # Piped output gets a wide table instead of rich's 80-column default.
 out = Console(width=None if sys.stdout.isatty() else 160)
@@ -50,11 +52,16 @@ OverridesArg = Annotated[Optional[list[str]], typer.Argument(
     show_default=False)]
 
 
-def resolve_config(params: Optional[Path], overrides: Optional[list[str]]) -> Config:
-    """The validated config of a command: --params (or ./params.yaml, or defaults) + overrides."""
+def params_path(params: Optional[Path]) -> Optional[str]:
+    """The params file a command reads: --params, else ./params.yaml when present, else None."""
     if params is None and DEFAULT_PARAMS.is_file():
         params = DEFAULT_PARAMS
-    return load_config(params, overrides or ())
+    return str(params) if params is not None else None
+
+
+def resolve_config(params: Optional[Path], overrides: Optional[list[str]]) -> Config:
+    """The validated config of a command: --params (or ./params.yaml, or defaults) + overrides."""
+    return load_config(params_path(params), overrides or ())
 
 
 def _version_callback(value: bool) -> None:
@@ -320,6 +327,33 @@ def registry_promote(
 
     done = promote(config.tracking.tracking_uri, name or config.tracking.registered_model, version, alias)
     out.print(f"{done['name']}@{done['alias']} -> version {done['version']}")
+
+
+@flow_app.command("run")
+def flow_run(
+    overrides: OverridesArg = None, params: ParamsOption = None,
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for the flow's sample clip.")] = Path("outputs/samples"),
+) -> None:
+    """Run download -> validate -> prepare -> train -> render -> register under Prefect (no server needed)."""
+    resolve_config(params, overrides)  # a bad config fails here, before Prefect starts
+    from flows.finetune import finetune
+
+    summary = finetune(params=params_path(params), overrides=list(overrides or []), out_dir=str(out_dir))
+    print(json.dumps(summary, indent=2, default=str))
+
+
+@flow_app.command("serve")
+def flow_serve(
+    cron: Annotated[str, typer.Option(help='Cron schedule, e.g. "0 3 * * *" (03:00 daily).')],
+    name: Annotated[str, typer.Option(help="Deployment name.")] = "cogvx-finetune-scheduled",
+    overrides: OverridesArg = None, params: ParamsOption = None,
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for each run's sample clip.")] = Path("outputs/samples"),
+) -> None:
+    """Serve the flow as a deployment on a cron schedule (blocks; trigger with `prefect deployment run`)."""
+    resolve_config(params, overrides)
+    from flows.finetune import serve
+
+    serve(cron=cron, name=name, params=params_path(params), overrides=list(overrides or []), out_dir=str(out_dir))
 
 
 @app.command("doctor")

@@ -15,7 +15,8 @@ from cogvx.registry import REGISTRY
 REPO = Path(__file__).resolve().parents[1]
 COMMANDS = (["config", "show"], ["config", "schema"], ["models"], ["doctor"],
             ["make-tiny-model"], ["check"], ["data", "validate"], ["data", "synthetic"],
-            ["data", "download"], ["prepare"], ["train"], ["generate"])
+            ["data", "download"], ["prepare"], ["train"], ["generate"], ["registry", "list"],
+            ["registry", "promote"], ["flow", "run"], ["flow", "serve"])
 
 
 def test_top_level_help_lists_every_command(run_cli):

@@ -17,6 +17,7 @@ The runs, each checked through the Prefect API (``get_client()``):
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -221,7 +222,6 @@ def test_served_deployment_runs(workspace: Path, first_run: tuple[Any, dict[str,
     """`python -m flows serve --cron` serves a deployment; a triggered run completes, resuming
     train from the first run's last checkpoint instead of training again."""
     from prefect import get_client
-    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
     from prefect.deployments import run_deployment
 
     params = str(workspace / "params.yaml")
@@ -251,9 +251,10 @@ def test_served_deployment_runs(workspace: Path, first_run: tuple[Any, dict[str,
                                               "out_dir": str(workspace / "samples-served")})
         assert flow_run.state.is_completed(), (flow_run.state, log.read_text(errors="replace")[-3000:])
         assert (workspace / "samples-served" / "flow-sample.mp4").is_file()
-        with get_client(sync_client=True) as client:
-            logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run.id])))
-        assert any("recovered 3 of 3 steps" in entry.message for entry in logs), [e.message for e in logs]
+        # The served run's train resumed from the first run's final checkpoint (report.json is
+        # rewritten by that run; Prefect's log shipping is asynchronous, so files are the witness).
+        report = json.loads((workspace / "train" / "report.json").read_text())
+        assert (report["resumed_from_step"], report["steps"]) == (3, 3)
     finally:
         _stop(serving)
 
