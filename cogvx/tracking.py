@@ -371,9 +371,11 @@ class RunTracker:
                 "problems": list(self.problems)}
 
     def _log_artifacts(self, report: dict[str, Any], output_dir: Path) -> bool:
-        """Validation clips under validation/, the LoRA under lora/, report.json and the config."""
+        """Validation clips of every step under validation/, the LoRA under lora/, report.json and the config."""
         try:
-            for video in map(Path, report.get("validation_videos") or []):
+            videos = set(map(Path, report.get("validation_videos") or []))
+            videos |= set((output_dir / "validation").glob("step-*/*.mp4"))
+            for video in sorted(videos):
                 self.client.log_artifact(self.run_id, str(video), _validation_path(video, output_dir))
             weights = Path(report["weights"]) if report.get("weights") else None
             if report.get("method") == "lora" and weights is not None and weights.is_dir():
