@@ -276,15 +276,8 @@ def generate(
     config = resolve_config(params, [*(overrides or []), *extra])
     from cogvx.generate import GenerateRequest, generate as run_generate
 
-    if lora is not None:
-        from cogvx.tracking import resolve_lora
-
-        lora = resolve_lora(lora, config.tracking.tracking_uri, Path("outputs/registry"))
-    if weights is not None:
-        is_lora = (weights / "pytorch_lora_weights.safetensors").is_file() or weights.suffix == ".safetensors"
-        lora, transformer = (weights, transformer) if is_lora else (lora, weights)
     request = GenerateRequest(prompt=prompt or config.validate_.prompts[0], out=out_file, lora=lora,
-                              lora_scale=lora_scale, transformer=transformer, steps=steps,
+                              lora_scale=lora_scale, transformer=transformer, weights=weights, steps=steps,
                               guidance_scale=guidance, seed=seed, fps=fps, image=image)
     path = run_generate(config, request, log=out.print)
     out.print(f"wrote {path}")

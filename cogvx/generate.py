@@ -17,9 +17,10 @@ class GenerateRequest:
 
     prompt: str
     out: Path
-    lora: Path | None = None
+    lora: Path | str | None = None  # a file, a folder, or models:/NAME@ALIAS
     lora_scale: float = 1.0
     transformer: Path | None = None
+    weights: Path | None = None  # what `cogvx train` wrote: its lora/ or full/ folder
     frames: int | None = None
     height: int | None = None
     width: int | None = None
@@ -40,6 +41,25 @@ def lora_file(path: Path) -> Path:
     if not path.is_file():
         raise CogvxError(f"--lora {path}: no such LoRA file")
     return path
+
+
+def resolve_weights(config: Config, request: GenerateRequest) -> tuple[Path | None, Path | None]:
+    """(LoRA path, transformer folder) from the request: registry URIs downloaded, and a
+    ``weights`` folder sorted into LoRA (holds the LoRA file) or full transformer."""
+    from cogvx.training.lora import LORA_WEIGHT_NAME
+
+    lora, transformer = request.lora, request.transformer
+    if request.weights is not None:
+        weights = Path(request.weights)
+        if (weights / LORA_WEIGHT_NAME).is_file() or weights.suffix == ".safetensors":
+            lora = weights
+        else:
+            transformer = weights
+    if lora is not None:
+        from cogvx.tracking import resolve_lora
+
+        lora = resolve_lora(str(lora), config.tracking.tracking_uri, Path("outputs/registry"))
+    return (Path(lora) if lora is not None else None), transformer
 
 
 def attach_lora(pipe, path: Path, scale: float, log=print) -> dict:
@@ -74,11 +94,12 @@ def generate(config: Config, request: GenerateRequest, log=print) -> Path:
     from cogvx.models.loader import load_pipeline, resolve_dtype
 
     spec, device = config.spec, pick_device()
+    lora, transformer = resolve_weights(config, request)
     dtype = resolve_dtype(config.model.dtype, spec, device)
     pipe = load_pipeline(config.model_source, spec, dtype=dtype, revision=config.model.revision,
-                         cache_dir=config.model.cache_dir, transformer=request.transformer)
-    if request.lora is not None:
-        attach_lora(pipe, request.lora, request.lora_scale, log)
+                         cache_dir=config.model.cache_dir, transformer=transformer)
+    if lora is not None:
+        attach_lora(pipe, lora, request.lora_scale, log)
     prepare_for_device(pipe, device)
     bucket, validate = config.buckets[0], config.validate_
     image = Image.open(request.image).convert("RGB") if request.image else None

@@ -94,9 +94,8 @@ def render(params: str | None, overrides: list[str], weights: str,
 
     config = load_config(params, overrides)
     logger = run_logger()
-    lora, transformer = (Path(weights), None) if config.train.method == "lora" else (None, Path(weights))
     request = GenerateRequest(prompt=config.validate_.prompts[0], out=Path(out_dir) / SAMPLE_NAME,
-                              lora=lora, transformer=transformer)
+                              weights=Path(weights))
     path = generate(config, request, log=logger.info)
     logger.info("rendered %s", path)
     return str(path)
