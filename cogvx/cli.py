@@ -36,6 +36,9 @@ data_app = typer.Typer(help="Get, make and validate training data sets.", no_arg
 app.add_typer(data_app, name="data")
 registry_app = typer.Typer(help="The MLflow Model Registry: list and promote registered LoRAs.", no_args_is_help=True)
 app.add_typer(registry_app, name="registry")
+bench_app = typer.Typer(help="Measure memory and speed of the project's own training, generation and prepare code at real size.",
+                        no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
 flow_app = typer.Typer(help="Run the whole pipeline as a Prefect flow, once or on a cron schedule.", no_args_is_help=True)
 app.add_typer(flow_app, name="flow")
 
@@ -347,6 +350,63 @@ def flow_serve(
     from flows.finetune import serve
 
     serve(cron=cron, name=name, params=params_path(params), overrides=list(overrides or []), out_dir=str(out_dir))
+
+
+@bench_app.command("run")
+def bench_run(
+    suite: Annotated[str, typer.Option(help="Suite of cases: issue7 (real sizes, needs a CUDA GPU with 80 GB) or smoke (tiny model, any machine).")] = "issue7",
+    case: Annotated[Optional[list[str]], typer.Option("--case", help="Run only these cases of the suite (repeatable).")] = None,
+    out_file: Annotated[Path, typer.Option("--out", help="JSON results file (rewritten after every case).")] = Path("bench/results/latest.json"),
+    reference: Annotated[Optional[Path], typer.Option(help="The reference step script (anchor_lora_step.py) to run side by side.")] = None,
+    clips: Annotated[Optional[Path], typer.Option(help="Clips folder (txt layout) for the prepare case; default: synthetic clips made first.")] = None,
+    workdir: Annotated[Path, typer.Option(help="Scratch folder for models, latents and runs.")] = Path("outputs/bench"),
+    commit: Annotated[Optional[str], typer.Option(help="Commit to record (default: git rev-parse HEAD).")] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds allowed per case.")] = 900.0,
+) -> None:
+    """Run a benchmark suite: each case in its own process, the reference step alongside; print a table, write JSON."""
+    from cogvx.benchmark.cases import select
+    from cogvx.benchmark.report import text_table
+    from cogvx.benchmark.suite import run_suite
+
+    cases = select(suite, case)
+    report = run_suite(cases, suite, out_file, workdir, reference, clips, commit, timeout, log=out.print)
+    out.print(text_table([report]), highlight=False, soft_wrap=True)
+    out.print(f"results in {out_file}")
+    failed = [c["case"] for c in report["cases"] if "error" in c]
+    if failed:
+        raise CogvxError(f"{len(failed)} case(s) failed: {', '.join(failed)} (details in {out_file})")
+
+
+@bench_app.command("case", hidden=True)
+def bench_case(
+    name: Annotated[str, typer.Argument(help="Case name.")],
+    suite: Annotated[str, typer.Option(help="Suite the case belongs to.")] = "issue7",
+    workdir: Annotated[Path, typer.Option(help="Scratch folder.")] = Path("outputs/bench"),
+    clips: Annotated[Optional[Path], typer.Option(help="Clips folder for prepare cases.")] = None,
+) -> None:
+    """Measure one case in this process and print its RESULT line (used by `bench run`)."""
+    from cogvx.benchmark.cases import select
+    from cogvx.benchmark.worker import run_case
+
+    result = run_case(select(suite, [name])[0], workdir, clips)
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+@bench_app.command("table")
+def bench_table(
+    results: Annotated[list[Path], typer.Argument(help="Results JSON files written by `cogvx bench run`.")],
+    readme: Annotated[Optional[Path], typer.Option(help="Rewrite the generated memory table in this README.")] = None,
+    markdown_out: Annotated[bool, typer.Option("--markdown", help="Print Markdown instead of plain text.")] = False,
+) -> None:
+    """Print the results as a table, or regenerate the README's memory table from them."""
+    from cogvx.benchmark.report import load_results, markdown, text_table, update_readme
+
+    reports = load_results(results)
+    if readme is not None:
+        changed = update_readme(readme, markdown(reports))
+        out.print(f"{readme}: memory table {'updated' if changed else 'already up to date'}")
+        return
+    out.print(markdown(reports) if markdown_out else text_table(reports), highlight=False, soft_wrap=True)
 
 
 @app.command("doctor")

@@ -146,6 +146,10 @@ class TrainConfig(Section):
     caption_dropout: float = Field(0.0, ge=0.0, le=1.0, description="Probability of training a sample with the empty caption (helps classifier-free guidance).")
     image_dropout: float = Field(0.05, ge=0.0, le=1.0, description="Image-to-video: probability of zeroing a sample's first-frame latents.")
     ignore_learned_positional_embeddings: bool = Field(False, description="Image-to-video 5b: ignore the learned positional embeddings fixed to 480x720, to train (and generate) at other sizes.")
+    fp8_base_weights: bool = Field(False, description="LoRA: store the frozen base weights in fp8 (e4m3, one scale per output row) and upcast each layer to bf16 as it runs; halves their memory. LoRA layers, norms and embeddings stay in bf16.")
+    compile: Literal["none", "blocks"] = Field("none", description="torch.compile each transformer block (regional: one block graph, compiled once, reused 30-42 times); the first step compiles (about a minute at real size), every later one is faster. Works with fp8_base_weights and gradient_checkpointing.")
+    attention_backend: Literal["auto", "cudnn", "flash", "efficient", "math"] = Field("auto", description="Scaled-dot-product attention kernel: auto lets torch pick; cudnn is fastest on H100/H200; flash and efficient are the FlashAttention-2 and memory-efficient kernels; math is the slow reference.")
+    activation_offload: bool = Field(False, description="Keep the checkpointed block inputs in pinned CPU memory instead of on the GPU (needs gradient_checkpointing); saves about 4 GiB at 5b 49x480x720 and 12 GiB at 1.5 81x768x1360, costs PCIe copies.")
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapter settings (train.method = lora).")
 
 
@@ -161,6 +165,9 @@ class ValidateConfig(Section):
     width: int | None = Field(None, ge=16, description="Sample width (multiple of 16); null uses the training width.")
     fps: int | None = Field(None, ge=1, description="Frame rate of the written mp4; null uses the model's.")
     seed: int = Field(0, ge=0, description="Seed of the sampling noise.")
+    offload: Literal["model", "sequential", "none"] = Field("model", description="GPU only: model = each component (T5, transformer, VAE) on the GPU only while it runs; sequential = layer by layer (least memory, slow); none = everything on the GPU (fastest, most memory).")
+    vae_tiling: bool = Field(True, description="Decode in spatial tiles (GPU): a few GiB instead of tens at 480x720 and up, same output up to tile blending.")
+    compile: bool = Field(False, description="torch.compile the transformer blocks for rendering (cogvx generate; in training, train.compile decides); pays off from about 20 denoising steps.")
 
     _check_size = field_validator("height", "width")(_multiple_of_16)
 
@@ -333,11 +340,23 @@ FRAME_KEYS = ("data.frames", "validate.frames")
 
 
 def check_consistency(config: Config) -> list[str]:
-    """Checks that span several fields (frame rules depend on the chosen model)."""
+    """Checks that span several fields (frame rules depend on the chosen model; memory options
+    that only make sense together)."""
     frames = {"data.frames": config.data.frames, "validate.frames": config.validate_.frames}
     for index, bucket in enumerate(config.data.buckets or []):
         frames[f"data.buckets[{index}] frames"] = bucket[0]
-    return _frame_problems(config.model.variant, frames)
+    return _frame_problems(config.model.variant, frames) + _option_problems(config.train)
+
+
+def _option_problems(train: TrainConfig) -> list[str]:
+    problems = []
+    if train.fp8_base_weights and train.method != "lora":
+        problems.append("train.fp8_base_weights = true: fp8 storage is for frozen base weights; "
+                        "with train.method = full every weight trains (use optimizer cpu_offload_adamw to save memory)")
+    if train.activation_offload and not train.gradient_checkpointing:
+        problems.append("train.activation_offload = true needs train.gradient_checkpointing = true "
+                        "(it offloads the checkpointed block inputs)")
+    return problems
 
 
 def _frame_problems(variant: Any, frames_by_key: dict[str, Any]) -> list[str]:

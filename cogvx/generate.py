@@ -86,31 +86,54 @@ def attach_lora(pipe, path: Path, scale: float, log=print) -> dict:
     return meta
 
 
-def generate(config: Config, request: GenerateRequest, log=print) -> Path:
-    """Load the base pipeline (and LoRA), render one clip, write it as mp4."""
-    from PIL import Image
-
-    from cogvx.inference import pick_device, prepare_for_device, render, write_video
+def generation_pipeline(config: Config, request: GenerateRequest, log=print, transformer_module=None):
+    """The base pipeline with the request's weights, placed for rendering (validate.offload,
+    vae_tiling, compile); ``transformer_module`` replaces the transformer (benchmarks)."""
+    from cogvx.inference import pick_device, prepare_for_device
     from cogvx.models.loader import load_pipeline, resolve_dtype
 
     spec, device = config.spec, pick_device()
     lora, transformer = resolve_weights(config, request)
     dtype = resolve_dtype(config.model.dtype, spec, device)
+    skip = ("transformer",) if transformer_module is not None else ()
     pipe = load_pipeline(config.model_source, spec, dtype=dtype, revision=config.model.revision,
-                         cache_dir=config.model.cache_dir, transformer=transformer)
+                         cache_dir=config.model.cache_dir, transformer=transformer, skip=skip)
+    if transformer_module is not None:
+        pipe.transformer = transformer_module
     if lora is not None:
         attach_lora(pipe, lora, request.lora_scale, log)
-    prepare_for_device(pipe, device)
+    validate = config.validate_
+    prepare_for_device(pipe, device, validate.offload, validate.vae_tiling, validate.compile)
+    return pipe, device
+
+
+def render_request(pipe, config: Config, request: GenerateRequest, device, log=print):
+    """Render the request's clip: uint8 frames [F, H, W, 3]."""
+    from PIL import Image
+
+    from cogvx.inference import render
+    from cogvx.training.performance import attention_backend
+
     bucket, validate = config.buckets[0], config.validate_
     image = Image.open(request.image).convert("RGB") if request.image else None
     frames = request.frames or validate.frames or bucket.frames
-    video = render(pipe, request.prompt, frames=frames,
-                   height=request.height or validate.height or bucket.height,
-                   width=request.width or validate.width or bucket.width,
-                   steps=request.steps or validate.num_inference_steps,
-                   guidance_scale=validate.guidance_scale if request.guidance_scale is None else request.guidance_scale,
-                   seed=validate.seed if request.seed is None else request.seed, image=image)
+    with attention_backend(config.train.attention_backend, device):
+        video = render(pipe, request.prompt, frames=frames,
+                       height=request.height or validate.height or bucket.height,
+                       width=request.width or validate.width or bucket.width,
+                       steps=request.steps or validate.num_inference_steps,
+                       guidance_scale=validate.guidance_scale if request.guidance_scale is None else request.guidance_scale,
+                       seed=validate.seed if request.seed is None else request.seed, image=image)
     if video.shape[0] != frames:
         log(f"note: the pipeline returned {video.shape[0]} frames for {frames} asked "
             "(CogVideoX 1.0 decodes exactly when (frames - 1) / 4 + 1 is odd, e.g. 9, 17, 25, 49)")
-    return write_video(video, request.out, request.fps or validate.fps or spec.fps)
+    return video
+
+
+def generate(config: Config, request: GenerateRequest, log=print) -> Path:
+    """Load the base pipeline (and LoRA), render one clip, write it as mp4."""
+    from cogvx.inference import write_video
+
+    pipe, device = generation_pipeline(config, request, log)
+    video = render_request(pipe, config, request, device, log)
+    return write_video(video, request.out, request.fps or config.validate_.fps or config.spec.fps)

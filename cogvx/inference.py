@@ -17,15 +17,34 @@ def pick_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def prepare_for_device(pipe, device: torch.device) -> None:
-    """CPU: keep everything on the CPU. GPU: model CPU offload and VAE tiling, so rendering needs
-    one component's memory at a time instead of all of them."""
-    if device.type == "cuda":
+def prepare_for_device(pipe, device: torch.device, offload: str = "model", vae_tiling: bool = True,
+                       compile_blocks: bool = False) -> None:
+    """Place the pipeline for rendering (validate.offload / vae_tiling / compile).
+
+    CPU: everything on the CPU. GPU: ``model`` offload keeps one component (T5, transformer,
+    VAE) on the GPU at a time, ``sequential`` one layer, ``none`` all of them; tiling decodes
+    the video in spatial tiles so the VAE needs a few GiB instead of tens.
+    """
+    if compile_blocks and not _blocks_compiled(pipe.transformer):
+        from cogvx.training.performance import compile_blocks as compile_transformer_blocks
+
+        compile_transformer_blocks(pipe.transformer)
+    if device.type != "cuda":
+        pipe.to(device)
+        return
+    if offload == "model":
         pipe.enable_model_cpu_offload(device=device)
-        pipe.vae.enable_tiling()
-        pipe.vae.enable_slicing()
+    elif offload == "sequential":
+        pipe.enable_sequential_cpu_offload(device=device)
     else:
         pipe.to(device)
+    if vae_tiling:
+        pipe.vae.enable_tiling()
+    pipe.vae.enable_slicing()
+
+
+def _blocks_compiled(transformer) -> bool:
+    return any(getattr(block, "_compiled_call_impl", None) is not None for block in transformer.transformer_blocks)
 
 
 def placeholder_image(height: int, width: int) -> Image.Image:

@@ -61,6 +61,8 @@ class PrepareSummary:
     clips_per_second: float
     peak_memory_gib: float
     memory_kind: str
+    encode_seconds: float = 0.0  # decode + VAE + T5 + write, without validation and model load
+    encode_clips_per_second: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -186,7 +188,7 @@ def encode_videos(pipe, plans: list[Plan], infos, config: Config, out: Path, dev
             if "image" in batch:
                 tensors["image_latent"] = _encode(pipe.vae, batch["image"], device, dtype)
         for row, key in enumerate(batch["key"]):
-            _save(video_file(out, key), {f"{name}_{part}": value[row]
+            save_tensors(video_file(out, key), {f"{name}_{part}": value[row]
                                          for name, (mean, logvar) in tensors.items()
                                          for part, value in (("mean", mean), ("logvar", logvar))})
         encoded += len(batch["key"])
@@ -213,11 +215,12 @@ def encode_texts(pipe, captions: dict[str, str], out: Path, device, dtype) -> in
                                            max_sequence_length=MAX_TEXT_TOKENS, device=device,
                                            dtype=dtype)  # [B, L, D]
         for row, (key, _) in enumerate(chunk):
-            _save(text_file(out, key), {"prompt_embeds": embeds[row].float().cpu()})
+            save_tensors(text_file(out, key), {"prompt_embeds": embeds[row].float().cpu()})
     return len(items)
 
 
-def _save(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Write tensors to a safetensors file atomically, tagged with the latents format."""
     from safetensors.torch import save_file
 
     with atomic_file(path, suffix=".safetensors") as tmp:
@@ -302,6 +305,7 @@ def run_prepare(config: Config, prune: bool = False, log=print) -> PrepareSummar
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     videos_done = texts_done = 0
+    encode_seconds = 0.0
     if todo_videos or todo_texts:
         dtype = resolve_dtype(config.model.dtype, spec, device)
         pipe = load_pipeline(str(folder), spec, dtype=dtype, skip=("transformer",))
@@ -311,9 +315,13 @@ def run_prepare(config: Config, prune: bool = False, log=print) -> PrepareSummar
             pipe.vae.enable_slicing()
         if config.prepare.vae_tiling:
             pipe.vae.enable_tiling()
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # one clip shape per bucket: tuned convolutions pay off
+        encode_started = time.perf_counter()
         with tqdm(total=len(todo_videos), unit="clip", desc="encoding clips", disable=None) as bar:
             videos_done = encode_videos(pipe, todo_videos, report.infos, config, out, device, dtype, bar)
         texts_done = encode_texts(pipe, todo_texts, out, device, dtype)
+        encode_seconds = time.perf_counter() - encode_started
     write_manifest(out, build_manifest(config, plans, config.model_source, empty_key))
     write_resolved_config(config, out)
     if prune:
@@ -324,4 +332,5 @@ def run_prepare(config: Config, prune: bool = False, log=print) -> PrepareSummar
                           skipped=len(plans) - len(todo_videos), dropped=len(report.samples) - len(samples),
                           seconds=round(seconds, 2),
                           clips_per_second=round(videos_done / seconds, 3) if videos_done else 0.0,
-                          peak_memory_gib=round(peak, 3), memory_kind=kind)
+                          peak_memory_gib=round(peak, 3), memory_kind=kind, encode_seconds=round(encode_seconds, 2),
+                          encode_clips_per_second=round(videos_done / encode_seconds, 3) if videos_done else 0.0)

@@ -222,34 +222,53 @@ def save_final(run: Run, out: Path, info: dict[str, Any]) -> Path:
     return out / "full"
 
 
-def setup(config: Config) -> Run:
-    """Build a run: data, transformer with LoRA, optimizer and schedulers, under accelerate."""
+def configure_transformer(transformer, config: Config, dtype: torch.dtype, buckets) -> None:
+    """Everything the config does to the transformer before training: checkpointing, learned
+    positions, LoRA or full training, fp8 storage, regional compile (in this order: fp8 must
+    see the LoRA base layers, compile must see the final modules)."""
+    from cogvx.training.lora import add_lora
+    from cogvx.training.performance import compile_blocks, enable_checkpointing, store_base_weights_in_fp8
+
+    train, lora = config.train, config.train.lora
+    if train.gradient_checkpointing:
+        enable_checkpointing(transformer, offload=train.activation_offload)
+    if train.ignore_learned_positional_embeddings:
+        ignore_learned_positions(transformer)
+    check_learned_positions(transformer, buckets)
+    if train.method == "lora":
+        add_lora(transformer, lora.rank, lora.alpha, lora.target_modules or list(config.spec.lora_target_modules),
+                 lora.dropout, lora.init)
+    else:
+        transformer.requires_grad_(True)
+    if train.fp8_base_weights:
+        store_base_weights_in_fp8(transformer, dtype)
+    if train.compile == "blocks":
+        compile_blocks(transformer)
+
+
+def setup(config: Config, transformer=None, dataset=None) -> Run:
+    """Build a run: data, transformer with LoRA, optimizer and schedulers, under accelerate.
+
+    ``transformer`` and ``dataset`` replace the ones loaded from model.path and
+    prepare.output_dir (the benchmarks pass real-size random-weight models and latents).
+    """
     from accelerate import Accelerator
     from diffusers import CogVideoXDDIMScheduler
     from diffusers.optimization import get_scheduler
 
     from cogvx.data.latents import LatentDataset
     from cogvx.models.loader import load_transformer, resolve_source
-    from cogvx.training.lora import add_lora
 
     accelerator = Accelerator(mixed_precision=_mixed_precision(config, torch.cuda.is_available()),
                               cpu=not torch.cuda.is_available())
     torch.manual_seed(config.train.seed)
-    dataset = LatentDataset(config.prepare.output_dir, config)
+    dataset = dataset if dataset is not None else LatentDataset(config.prepare.output_dir, config)
     device, dtype = _device_and_dtype(config, accelerator)
-    spec, lora = config.spec, config.train.lora
+    spec = config.spec
     folder = resolve_source(config.model_source, config.model.revision, config.model.cache_dir, spec)
-    transformer = load_transformer(str(folder), spec, dtype=dtype)
-    if config.train.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
-    if config.train.ignore_learned_positional_embeddings:
-        ignore_learned_positions(transformer)
-    check_learned_positions(transformer, dataset.buckets)
-    if config.train.method == "lora":
-        add_lora(transformer, lora.rank, lora.alpha, lora.target_modules or list(spec.lora_target_modules),
-                 lora.dropout, lora.init)
-    else:
-        transformer.requires_grad_(True)
+    if transformer is None:
+        transformer = load_transformer(str(folder), spec, dtype=dtype)
+    configure_transformer(transformer, config, dtype, dataset.buckets)
     optimizer = build_optimizer([p for p in transformer.parameters() if p.requires_grad], config, device)
     sampler = dataset.batch_sampler(config.train.batch_size, seed=config.train.seed)
     steps = total_steps(config, len(sampler))
@@ -314,11 +333,14 @@ def micro_step(run: Run, batch: dict[str, Any], scaling: float) -> float:
 
 def optimizer_step(run: Run, batches: Iterator, scaling: float) -> tuple[float, float]:
     """One optimizer step over gradient_accumulation_steps micro-batches: (mean loss, grad norm)."""
+    from cogvx.training.performance import attention_backend
+
     accumulation = run.config.train.gradient_accumulation_steps
     loss = 0.0
-    for _ in range(accumulation):
-        run.state.micro_batches, batch = next(batches)
-        loss += micro_step(run, batch, scaling) / accumulation
+    with attention_backend(run.config.train.attention_backend, run.accelerator.device):
+        for _ in range(accumulation):
+            run.state.micro_batches, batch = next(batches)
+            loss += micro_step(run, batch, scaling) / accumulation
     grad_norm = float(run.accelerator.clip_grad_norm_(run.transformer.parameters(), run.config.train.max_grad_norm))
     run.optimizer.step()
     run.lr_scheduler.step()

@@ -10,41 +10,39 @@ from cogvx.config import Config
 
 
 def render_validation(config: Config, folder: Path, transformer, step: int, out_dir: Path,
-                      device: torch.device, dtype: torch.dtype) -> list[Path]:
+                      device: torch.device, dtype: torch.dtype, writer=None) -> list[Path]:
     """One mp4 per validation prompt under ``out_dir/validation/step-NNNNNN``.
 
-    The pipeline is assembled around the training transformer (LoRA included) from the base
-    model's other parts. On a GPU the parts are offloaded to the CPU between uses, so validation
-    adds one component's memory to training's instead of all of them; the hooks are removed and
-    the transformer put back on the device afterwards.
+    The pipeline is assembled around the training transformer (LoRA, fp8 storage and compiled
+    blocks included) from the base model's other parts. On a GPU, validate.offload decides what
+    stays on the device (model: one component at a time, so validation adds one component's
+    memory to training's); the hooks are removed and the transformer put back afterwards.
+    ``writer(frames, path, fps)`` replaces the mp4 writer (benchmarks on machines without ffmpeg).
     """
-    from cogvx.inference import render, write_video
+    from cogvx.inference import prepare_for_device, render, write_video
     from cogvx.models.loader import load_pipeline
+    from cogvx.training.performance import attention_backend
 
-    spec = config.spec
+    spec, writer = config.spec, writer or write_video
     pipe = load_pipeline(str(folder), spec, dtype=dtype, skip=("transformer",))
     pipe.transformer = transformer
     was_training = transformer.training
     transformer.eval()
-    if device.type == "cuda":
-        pipe.enable_model_cpu_offload(device=device)
-        pipe.vae.enable_tiling()
-    else:
-        pipe.to(device)
+    validate = config.validate_
+    prepare_for_device(pipe, device, validate.offload, validate.vae_tiling)
     bucket = config.buckets[0]
-    fps = config.validate_.fps or config.data.fps or spec.fps
+    fps = validate.fps or config.data.fps or spec.fps
     written = []
     try:
         for index, prompt in enumerate(config.validate_.prompts):
-            video = render(pipe, prompt, frames=config.validate_.frames or bucket.frames,
-                           height=config.validate_.height or bucket.height,
-                           width=config.validate_.width or bucket.width,
-                           steps=config.validate_.num_inference_steps,
-                           guidance_scale=config.validate_.guidance_scale,
-                           seed=config.validate_.seed + index)
-            written.append(write_video(video, out_dir / "validation" / f"step-{step:06d}" / f"prompt-{index:02d}.mp4", fps))
+            with attention_backend(config.train.attention_backend, device):
+                video = render(pipe, prompt, frames=validate.frames or bucket.frames,
+                               height=validate.height or bucket.height, width=validate.width or bucket.width,
+                               steps=validate.num_inference_steps, guidance_scale=validate.guidance_scale,
+                               seed=validate.seed + index)
+            written.append(writer(video, out_dir / "validation" / f"step-{step:06d}" / f"prompt-{index:02d}.mp4", fps))
     finally:
-        if device.type == "cuda":
+        if device.type == "cuda" and validate.offload != "none":
             pipe.remove_all_hooks()
             transformer.to(device)
         transformer.train(was_training)

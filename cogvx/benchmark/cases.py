@@ -1,0 +1,106 @@
+"""What `cogvx bench` measures: named cases grouped into suites, each a config plus targets.
+
+A case is a set of dotted config overrides (the same keys `cogvx train` reads) applied to a
+model at a clip size; its kind says which of the project's own code paths runs: ``train``
+(optimizer steps of the training loop), ``validate`` (training steps, one in-training
+validation render, one more step), ``generate`` (one 50-step render as `cogvx generate`
+does) or ``prepare`` (`cogvx prepare` over real clips). ``reference`` names the anchor step
+(shared/bench/anchor_lora_step.py) run in the same invocation to compare with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+Kind = Literal["train", "validate", "generate", "prepare"]
+
+LORA_64 = ("train.method=lora", "train.lora.rank=64", "train.lora.alpha=64")
+FAST = ("train.compile=blocks", "train.attention_backend=cudnn")
+FP8_FAST = ("train.fp8_base_weights=true", *FAST)
+VALIDATION_50 = ("validate.num_inference_steps=50", "validate.guidance_scale=6.0")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One measured configuration."""
+
+    name: str
+    kind: Kind
+    variant: str
+    size: tuple[int, int, int]  # frames, height, width
+    overrides: tuple[str, ...] = ()
+    reference: str | None = None  # anchor model ("2b" / "5b") to run side by side
+    targets: dict[str, float] = field(default_factory=dict)  # e.g. {"time_ratio": 0.6, "peak_gib": 12}
+    steps: int = 5
+    warmup: int = 2
+    note: str = ""
+
+    @property
+    def size_text(self) -> str:
+        return "x".join(map(str, self.size))
+
+
+S49 = (49, 480, 720)
+ISSUE7: tuple[Case, ...] = (
+    Case("5b-lora-bf16", "train", "cogvideox-5b", S49, LORA_64, "5b",
+         note="our step at the reference's settings (bf16, eager, AdamW)"),
+    Case("5b-lora-compile", "train", "cogvideox-5b", S49, LORA_64 + FAST, "5b"),
+    Case("5b-lora-fp8-compile", "train", "cogvideox-5b", S49, LORA_64 + FP8_FAST, "5b",
+         targets={"time_ratio": 0.6, "mem_ratio": 0.66}),
+    Case("5b-lora-fp8-compile-8bit", "train", "cogvideox-5b", S49, LORA_64 + FP8_FAST + ("train.optimizer=adamw8bit",),
+         "5b", targets={"time_ratio": 0.6, "mem_ratio": 0.66}),
+    Case("5b-lora-lowest", "train", "cogvideox-5b", S49,
+         LORA_64 + FP8_FAST + ("train.optimizer=adamw8bit", "train.activation_offload=true"), "5b",
+         targets={"mem_ratio": 0.66}),
+    Case("2b-lora-bf16", "train", "cogvideox-2b", S49, LORA_64, "2b"),
+    Case("2b-lora-fp8-compile", "train", "cogvideox-2b", S49, LORA_64 + FP8_FAST, "2b",
+         targets={"time_ratio": 0.65, "peak_gib": 5.0}),
+    Case("2b-lora-lowest", "train", "cogvideox-2b", S49,
+         LORA_64 + FP8_FAST + ("train.optimizer=adamw8bit", "train.activation_offload=true"), "2b",
+         targets={"time_ratio": 0.65, "peak_gib": 5.0}),
+    Case("5b-lora-with-validation", "validate", "cogvideox-5b", S49,
+         LORA_64 + FP8_FAST + VALIDATION_50 + ("validate.offload=model",), "5b",
+         targets={"peak_gib": 24.0}, steps=2, warmup=1,
+         note="2 steps, one 49-frame 50-step CFG validation render (T5 + VAE + transformer), 1 more step"),
+    Case("5b-full-cpu-offload", "train", "cogvideox-5b", S49,
+         ("train.method=full", "train.optimizer=cpu_offload_adamw", "train.activation_offload=true", *FAST),
+         "5b", targets={"peak_gib": 24.0}, steps=3, warmup=1),
+    Case("1.5-5b-lora-81x768x1360", "train", "cogvideox1.5-5b", (81, 768, 1360),
+         LORA_64 + FP8_FAST + ("train.activation_offload=true",), None,
+         targets={"peak_gib": 24.0}, steps=3, warmup=1, note="floor 7.5 s/step"),
+    Case("5b-generate", "generate", "cogvideox-5b", S49,
+         VALIDATION_50 + ("validate.compile=true", "validate.offload=model", "train.attention_backend=cudnn"),
+         targets={"seconds": 80.0, "peak_gib": 24.0}, steps=1, warmup=1,
+         note="49 frames, 50 steps, CFG 6; compile warm-up with a 2-step render not counted"),
+    Case("prepare-49x480x720", "prepare", "cogvideox-5b", S49, (), None,
+         targets={"clips_per_s": 1.0}, steps=16, warmup=0,
+         note="16 clips: decode + VAE + T5 + write"),
+)
+
+# The same code paths on the tiny model, for CPU tests of the benchmark itself.
+SMOKE: tuple[Case, ...] = (
+    Case("tiny-lora", "train", "tiny-t2v", (9, 64, 96), ("train.lora.rank=4", "train.lora.alpha=4"), steps=2, warmup=1),
+    Case("tiny-lora-fp8-offload", "train", "tiny-t2v", (9, 64, 96),
+         ("train.lora.rank=4", "train.fp8_base_weights=true", "train.activation_offload=true"), steps=2, warmup=1),
+    Case("tiny-validate", "validate", "tiny-t2v", (9, 64, 96), ("validate.num_inference_steps=2",), steps=1, warmup=1),
+    Case("tiny-generate", "generate", "tiny-t2v", (9, 64, 96), ("validate.num_inference_steps=2",), steps=1, warmup=1),
+)
+
+SUITES: dict[str, tuple[Case, ...]] = {"issue7": ISSUE7, "smoke": SMOKE}
+
+
+def select(suite: str, names: list[str] | None = None) -> list[Case]:
+    """The cases of a suite, or the named ones among them (in suite order)."""
+    from cogvx.errors import CogvxError
+
+    if suite not in SUITES:
+        raise CogvxError(f"no benchmark suite {suite!r}; suites: {', '.join(SUITES)}")
+    cases = list(SUITES[suite])
+    if names:
+        known = {case.name for case in cases}
+        unknown = [name for name in names if name not in known]
+        if unknown:
+            raise CogvxError(f"suite {suite} has no case {', '.join(unknown)}; cases: {', '.join(sorted(known))}")
+        cases = [case for case in cases if case.name in names]
+    return cases

@@ -1,0 +1,112 @@
+"""`cogvx bench run`: every case of a suite in its own process, side by side with the
+reference step on the same GPU, written to JSON after each case (a cut-off run keeps what it
+measured) and printed as a table."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from cogvx.benchmark.cases import Case
+from cogvx.io import atomic_write_text
+
+RESULT_PREFIX = "RESULT "
+
+
+def last_result_line(output: str) -> dict[str, Any] | None:
+    """The JSON of the last ``RESULT {...}`` line a worker (or the reference script) printed."""
+    for line in reversed(output.splitlines()):
+        if line.startswith(RESULT_PREFIX):
+            return json.loads(line[len(RESULT_PREFIX):])
+    return None
+
+
+def _run_json(command: list[str], timeout: float) -> dict[str, Any]:
+    """Run a measuring process; its RESULT, or an error record with the output's tail."""
+    started = time.perf_counter()
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    result = last_result_line(done.stdout)
+    if done.returncode != 0 or result is None:
+        tail = (done.stdout + done.stderr).strip().splitlines()[-12:]
+        return {"error": f"exit {done.returncode}", "output_tail": tail}
+    result.setdefault("wall_s", round(time.perf_counter() - started, 1))
+    return result
+
+
+def run_reference(anchor: Path, model: str, steps: int, warmup: int, timeout: float) -> dict[str, Any]:
+    """The reference LoRA step (rank 64, 49x480x720, batch 1) for ``model`` ("2b"/"5b")."""
+    command = [sys.executable, str(anchor), "--model", model, "--rank", "64", "--steps", str(steps),
+               "--warmup", str(warmup)]
+    return {"anchor": str(anchor.name), **_run_json(command, timeout)}
+
+
+def run_worker(case: Case, suite: str, workdir: Path, clips: Path | None, timeout: float) -> dict[str, Any]:
+    command = [sys.executable, "-m", "cogvx", "bench", "case", case.name, "--suite", suite,
+               "--workdir", str(workdir)]
+    if clips is not None:
+        command += ["--clips", str(clips)]
+    return {"case": case.name, "kind": case.kind, "variant": case.variant, "size": case.size_text,
+            **_run_json(command, timeout)}
+
+
+def compare(result: dict[str, Any], case: Case, reference: dict[str, Any] | None) -> dict[str, Any]:
+    """Ratios against the reference step and whether each target of the case is met."""
+    if "error" in result:
+        return result
+    if reference and "error" not in reference and "s_per_step_median" in result:
+        result["time_ratio"] = round(result["s_per_step_median"] / reference["s_per_step_median"], 3)
+        result["mem_ratio"] = round(result["peak_allocated_gib"] / reference["peak_gb"], 3)
+    met = {}
+    for key, bound in case.targets.items():
+        value = result.get("peak_allocated_gib" if key == "peak_gib" else key)
+        if value is not None:
+            met[key] = value >= bound if key == "clips_per_s" else value <= bound
+    result["targets"] = case.targets
+    result["targets_met"] = met
+    return result
+
+
+def run_suite(cases: list[Case], suite: str, out: Path, workdir: Path, anchor: Path | None,
+              clips: Path | None = None, commit: str | None = None, timeout: float = 900,
+              log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the reference step once per model that cases compare with, then every case."""
+    report: dict[str, Any] = {"suite": suite, "commit": commit or git_commit(), "python": platform.python_version(),
+                              "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "references": {}, "cases": []}
+    for model in sorted({case.reference for case in cases if case.reference}):
+        if anchor is None or not anchor.is_file():
+            report["references"][model] = {"error": f"no reference script at {anchor}; pass --reference"}
+            continue
+        warmup = next(c.warmup for c in cases if c.reference == model)
+        log(f"reference step {model} ...")
+        report["references"][model] = run_reference(anchor, model, steps=5, warmup=warmup, timeout=timeout)
+        _save(out, report)
+    for case in cases:
+        log(f"case {case.name} ...")
+        result = run_worker(case, suite, workdir, clips, timeout)
+        report["cases"].append(compare(result, case, report["references"].get(case.reference)))
+        _save(out, report)
+    report["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    _save(out, report)
+    return report
+
+
+def _save(out: Path, report: dict[str, Any]) -> None:
+    atomic_write_text(out, json.dumps(report, indent=1) + "\n")
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"

@@ -1,0 +1,198 @@
+"""One benchmark case, run in its own process: the project's own training, validation,
+generation or prepare code on real-size (or tiny) models, timed and its memory measured."""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cogvx.benchmark.assets import BENCH_CAPTION, write_assets, write_random_latents
+from cogvx.benchmark.cases import Case
+from cogvx.config import Config, load_config
+from cogvx.errors import CogvxError
+from cogvx.training.memory import GIB, MemoryMeter
+
+
+def case_config(case: Case, workdir: Path, extra: tuple[str, ...] = ()) -> Config:
+    """The config a case runs under: its model and size, bench folders, no tracking, no
+    intermediate checkpoints; then the case's own overrides."""
+    frames, height, width = case.size
+    size_key = f"{case.variant}-{case.size_text}"
+    base = [f"model.variant={case.variant}", f"model.path={workdir / 'models' / case.variant}",
+            f"data.frames={frames}", f"data.height={height}", f"data.width={width}",
+            f"prepare.output_dir={workdir / 'latents' / size_key}",
+            f"train.output_dir={workdir / 'runs' / case.name}", "tracking.enabled=false",
+            f"train.max_steps={case.warmup + case.steps + 1}", "train.checkpointing_steps=1000000",
+            "train.lr_warmup_steps=0", "train.learning_rate=1e-4", "validate.every_n_steps=0",
+            f"validate.prompts=[{BENCH_CAPTION!r}]"]
+    return load_config(None, [*base, *case.overrides, *extra])
+
+
+def device_facts(device: torch.device) -> dict[str, Any]:
+    import diffusers
+
+    facts = {"device": str(device), "torch": torch.__version__, "diffusers": diffusers.__version__}
+    if device.type == "cuda":
+        facts["gpu"] = torch.cuda.get_device_name(device)
+    return facts
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_steps(run, batches, count: int) -> tuple[list[float], list[float]]:
+    """Run ``count`` optimizer steps of the training loop; seconds and loss of each."""
+    from cogvx.training.loop import optimizer_step
+
+    device = run.accelerator.device
+    scaling = run.dataset.manifest["model"]["vae_scaling_factor"]
+    seconds, losses = [], []
+    for _ in range(count):
+        _sync(device)
+        started = time.perf_counter()
+        loss, _grad_norm = optimizer_step(run, batches, scaling)
+        _sync(device)
+        seconds.append(time.perf_counter() - started)
+        losses.append(loss)
+    return seconds, losses
+
+
+def _training_run(case: Case, config: Config, workdir: Path, device: torch.device):
+    """Assets, random latents and a real-size random transformer, set up by the training code."""
+    from cogvx.models.build import build_transformer
+    from cogvx.models.loader import resolve_dtype
+    from cogvx.training.loop import setup
+
+    spec = config.spec
+    write_assets(spec, workdir / "models" / case.variant, device, weights=case.kind != "train")
+    write_random_latents(config, Path(config.prepare.output_dir))
+    transformer = build_transformer(spec, resolve_dtype(config.model.dtype, spec, device), device)
+    _sync(device)
+    return setup(config, transformer=transformer)
+
+
+def _step_figures(seconds: list[float], warmup: int, batch: int) -> dict[str, Any]:
+    timed = seconds[warmup:] or seconds
+    median = statistics.median(timed)
+    return {"s_per_step_median": round(median, 3), "s_min": round(min(timed), 3),
+            "samples_per_s": round(batch / median, 3), "warmup_s": [round(s, 2) for s in seconds[:warmup]],
+            "step_s": [round(s, 3) for s in timed]}
+
+
+def run_train(case: Case, workdir: Path, device: torch.device) -> dict[str, Any]:
+    from cogvx.training.loop import batches_from
+
+    config = case_config(case, workdir)
+    run = _training_run(case, config, workdir, device)
+    batches = batches_from(run.dataset, run.sampler, 0)
+    meter = MemoryMeter(device)
+    weights = torch.cuda.memory_allocated(device) / GIB if device.type == "cuda" else 0.0
+    meter.start("train")
+    seconds, losses = timed_steps(run, batches, case.warmup + case.steps)
+    meter.stop("train")
+    if not all(math.isfinite(loss) for loss in losses):
+        raise CogvxError(f"{case.name}: non-finite loss {losses}")
+    result = {"weights_gib": round(weights, 3), "loss": losses[-1], "phases": meter.phases,
+              **_step_figures(seconds, case.warmup, config.train.batch_size)}
+    if case.kind == "validate":
+        result |= _validate_then_step(run, batches, meter, workdir)
+    phases = meter.phases.values()
+    result["peak_allocated_gib"] = max(p["peak_allocated_gib"] for p in phases)
+    result["peak_reserved_gib"] = max(p["peak_reserved_gib"] for p in phases)
+    return result
+
+
+def _no_write(frames, path, fps):
+    """Validation clips are rendered but not encoded (the GPU machine has no ffmpeg)."""
+    return Path(path)
+
+
+def _validate_then_step(run, batches, meter: MemoryMeter, workdir: Path) -> dict[str, Any]:
+    """One in-training validation render, then one more training step (memory after it)."""
+    from cogvx.training.validation import render_validation
+
+    device = run.accelerator.device
+    meter.start("validation")
+    started = time.perf_counter()
+    render_validation(run.config, run.folder, run.model, run.state.step, workdir / "validation", device,
+                      run.dtype, writer=_no_write)
+    _sync(device)
+    render_s = time.perf_counter() - started
+    meter.stop("validation")
+    meter.start("train_after_validation")
+    seconds, _ = timed_steps(run, batches, 1)
+    meter.stop("train_after_validation")
+    return {"validation_s": round(render_s, 2), "step_after_validation_s": round(seconds[0], 3)}
+
+
+def run_generate(case: Case, workdir: Path, device: torch.device) -> dict[str, Any]:
+    """`cogvx generate`'s pipeline and render around a random real-size transformer: a short
+    warm-up render (compiles), then the timed full render."""
+    from cogvx.generate import GenerateRequest, generation_pipeline, render_request
+    from cogvx.models.build import build_transformer
+    from cogvx.models.loader import resolve_dtype
+
+    config = case_config(case, workdir)
+    spec = config.spec
+    write_assets(spec, workdir / "models" / case.variant, device, weights=True)
+    transformer = build_transformer(spec, resolve_dtype(config.model.dtype, spec, device), device).eval()
+    request = GenerateRequest(prompt=BENCH_CAPTION, out=workdir / "generated.mp4")
+    pipe, device = generation_pipeline(config, request, log=lambda *_: None, transformer_module=transformer)
+    started = time.perf_counter()
+    render_request(pipe, config, GenerateRequest(prompt=BENCH_CAPTION, out=request.out, steps=2), device)
+    warmup_s = time.perf_counter() - started
+    meter = MemoryMeter(device)
+    meter.start("generate")
+    started = time.perf_counter()
+    video = render_request(pipe, config, request, device)
+    seconds = time.perf_counter() - started
+    meter.stop("generate")
+    phase = meter.phases["generate"]
+    return {"seconds": round(seconds, 2), "warmup_render_s": round(warmup_s, 2), "frames": int(video.shape[0]),
+            "steps": config.validate_.num_inference_steps, "peak_allocated_gib": phase["peak_allocated_gib"],
+            "peak_reserved_gib": phase["peak_reserved_gib"], "phases": meter.phases}
+
+
+def run_prepare_case(case: Case, workdir: Path, device: torch.device, clips: Path | None) -> dict[str, Any]:
+    """`cogvx prepare` over ``clips`` (made here when not given) into a fresh latents folder."""
+    import shutil
+
+    from cogvx.benchmark.assets import make_bench_clips
+    from cogvx.prepare import run_prepare
+
+    frames, height, width = case.size
+    if clips is None:
+        clips = make_bench_clips(workdir / "clips", case.steps, frames, height, width)
+    out = workdir / "prepared" / case.name
+    shutil.rmtree(out, ignore_errors=True)
+    config = case_config(case, workdir, (f"data.data_root={clips}", f"prepare.output_dir={out}",
+                                         "prepare.num_workers=4"))
+    write_assets(config.spec, workdir / "models" / case.variant, device, weights=True)
+    summary = run_prepare(config, log=lambda *_: None).as_dict()
+    return {**summary, "clips_per_s": summary["encode_clips_per_second"],
+            "peak_allocated_gib": summary["peak_memory_gib"]}
+
+
+def run_case(case: Case, workdir: Path, clips: Path | None = None) -> dict[str, Any]:
+    """Measure one case in this process; the result dict the suite collects."""
+    from cogvx.inference import pick_device
+
+    device = pick_device()
+    workdir = Path(workdir)
+    started = time.perf_counter()
+    if case.kind in ("train", "validate"):
+        result = run_train(case, workdir, device)
+    elif case.kind == "generate":
+        result = run_generate(case, workdir, device)
+    else:
+        result = run_prepare_case(case, workdir, device, clips)
+    return {"case": case.name, "kind": case.kind, "variant": case.variant, "size": case.size_text,
+            "overrides": list(case.overrides), "note": case.note, **device_facts(device), **result,
+            "wall_s": round(time.perf_counter() - started, 1)}
