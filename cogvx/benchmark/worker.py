@@ -74,8 +74,15 @@ def _training_run(case: Case, config: Config, workdir: Path, device: torch.devic
     write_assets(spec, workdir / "models" / case.variant, device, weights=case.kind != "train")
     write_random_latents(config, Path(config.prepare.output_dir))
     transformer = build_transformer(spec, resolve_dtype(config.model.dtype, spec, device), device)
+    run = setup(config, transformer=transformer)
+    _release_cache(device)  # the fp32 build and the fp8 conversion leave cached blocks behind
+    return run
+
+
+def _release_cache(device: torch.device) -> None:
     _sync(device)
-    return setup(config, transformer=transformer)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _step_figures(seconds: list[float], warmup: int, batch: int) -> dict[str, Any]:
@@ -145,6 +152,7 @@ def run_generate(case: Case, workdir: Path, device: torch.device) -> dict[str, A
     transformer = build_transformer(spec, resolve_dtype(config.model.dtype, spec, device), device).eval()
     request = GenerateRequest(prompt=BENCH_CAPTION, out=workdir / "generated.mp4")
     pipe, device = generation_pipeline(config, request, log=lambda *_: None, transformer_module=transformer)
+    _release_cache(device)
     started = time.perf_counter()
     render_request(pipe, config, GenerateRequest(prompt=BENCH_CAPTION, out=request.out, steps=2), device)
     warmup_s = time.perf_counter() - started
