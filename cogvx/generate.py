@@ -112,12 +112,12 @@ def render_request(pipe, config: Config, request: GenerateRequest, device, log=p
     from PIL import Image
 
     from cogvx.inference import render
-    from cogvx.training.performance import attention_backend
+    from cogvx.training.performance import TransformerAttentionBackend
 
     bucket, validate = config.buckets[0], config.validate_
     image = Image.open(request.image).convert("RGB") if request.image else None
     frames = request.frames or validate.frames or bucket.frames
-    with attention_backend(config.train.attention_backend, device):
+    with TransformerAttentionBackend(pipe.transformer, config.train.attention_backend, device):
         video = render(pipe, request.prompt, frames=frames,
                        height=request.height or validate.height or bucket.height,
                        width=request.width or validate.width or bucket.width,

@@ -89,8 +89,10 @@ SMOKE: tuple[Case, ...] = (
     Case("tiny-lora", "train", "tiny-t2v", (9, 64, 96), ("train.lora.rank=4", "train.lora.alpha=4"), steps=2, warmup=1),
     Case("tiny-lora-fp8-offload", "train", "tiny-t2v", (9, 64, 96),
          ("train.lora.rank=4", "train.fp8_base_weights=true", "train.activation_offload=true"), steps=2, warmup=1),
-    Case("tiny-validate", "validate", "tiny-t2v", (9, 64, 96), ("validate.num_inference_steps=2",), steps=1, warmup=1),
-    Case("tiny-generate", "generate", "tiny-t2v", (9, 64, 96), ("validate.num_inference_steps=2",), steps=1, warmup=1),
+    Case("tiny-validate", "validate", "tiny-t2v", (9, 64, 96),
+         ("validate.num_inference_steps=2", "train.attention_backend=flash"), steps=1, warmup=1),
+    Case("tiny-generate", "generate", "tiny-t2v", (9, 64, 96),
+         ("validate.num_inference_steps=2", "train.attention_backend=flash"), steps=1, warmup=1),
 )
 
 SUITES: dict[str, tuple[Case, ...]] = {"issue7": ISSUE7, "smoke": SMOKE}

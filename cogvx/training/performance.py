@@ -118,3 +118,34 @@ def attention_backend(name: str, device: torch.device) -> Iterator[None]:
 
     with sdpa_kernel([getattr(SDPBackend, SDPA_BACKENDS[name])]):
         yield
+
+
+class TransformerAttentionBackend:
+    """Apply an attention_backend to one model's forward only (inside a pipeline, the text
+    encoder keeps the default kernels: T5's attention bias rules out cuDNN and flash)."""
+
+    def __init__(self, model, name: str, device: torch.device) -> None:
+        self.model, self.name, self.device = model, name, device
+        self._active: list = []
+        self._handles: list = []
+
+    def __enter__(self) -> "TransformerAttentionBackend":
+        if self.name != "auto":
+            self._handles = [self.model.register_forward_pre_hook(self._enter),
+                             self.model.register_forward_hook(self._exit, always_call=True)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        while self._active:
+            self._active.pop().__exit__(None, None, None)
+
+    def _enter(self, _module, _args) -> None:
+        context = attention_backend(self.name, self.device)
+        context.__enter__()
+        self._active.append(context)
+
+    def _exit(self, _module, _args, _output) -> None:
+        if self._active:
+            self._active.pop().__exit__(None, None, None)

@@ -21,7 +21,7 @@ def render_validation(config: Config, folder: Path, transformer, step: int, out_
     """
     from cogvx.inference import prepare_for_device, render, write_video
     from cogvx.models.loader import load_pipeline
-    from cogvx.training.performance import attention_backend
+    from cogvx.training.performance import TransformerAttentionBackend
 
     spec, writer = config.spec, writer or write_video
     pipe = load_pipeline(str(folder), spec, dtype=dtype, skip=("transformer",))
@@ -35,7 +35,7 @@ def render_validation(config: Config, folder: Path, transformer, step: int, out_
     written = []
     try:
         for index, prompt in enumerate(config.validate_.prompts):
-            with attention_backend(config.train.attention_backend, device):
+            with TransformerAttentionBackend(transformer, config.train.attention_backend, device):
                 video = render(pipe, prompt, frames=validate.frames or bucket.frames,
                                height=validate.height or bucket.height, width=validate.width or bucket.width,
                                steps=validate.num_inference_steps, guidance_scale=validate.guidance_scale,
