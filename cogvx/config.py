@@ -168,6 +168,7 @@ class ValidateConfig(Section):
     offload: Literal["model", "sequential", "none"] = Field("model", description="GPU only: model = each component (T5, transformer, VAE) on the GPU only while it runs; sequential = layer by layer (least memory, slow); none = everything on the GPU (fastest, most memory).")
     vae_tiling: bool = Field(True, description="Decode in spatial tiles (GPU): a few GiB instead of tens at 480x720 and up, same output up to tile blending.")
     compile: bool = Field(False, description="torch.compile the transformer blocks for rendering (cogvx generate; in training, train.compile decides); pays off from about 20 denoising steps.")
+    fp8_compute: bool = Field(False, description="cogvx generate on a GPU of compute capability >= 8.9 (Ada, Hopper): fp8 weights and activations with per-row scales (torchao) in the transformer's linear layers, a LoRA fused first; faster matmuls and half the transformer's memory, a slight change in output.")
 
     _check_size = field_validator("height", "width")(_multiple_of_16)
 

@@ -103,8 +103,21 @@ def generation_pipeline(config: Config, request: GenerateRequest, log=print, tra
     if lora is not None:
         attach_lora(pipe, lora, request.lora_scale, log)
     validate = config.validate_
+    if validate.fp8_compute:
+        _quantize_for_rendering(pipe, device, lora is not None, log)
     prepare_for_device(pipe, device, validate.offload, validate.vae_tiling, validate.compile)
     return pipe, device
+
+
+def _quantize_for_rendering(pipe, device, has_lora: bool, log=print) -> None:
+    """validate.fp8_compute: fuse the LoRA into the base weights, then quantize to fp8."""
+    from cogvx.training.performance import quantize_fp8_compute
+
+    if has_lora:
+        pipe.fuse_lora(components=["transformer"])
+        pipe.unload_lora_weights()
+    layers = quantize_fp8_compute(pipe.transformer, device)
+    log(f"fp8 compute: {layers} linear layers of the transformer quantized (per-row scales)")
 
 
 def render_request(pipe, config: Config, request: GenerateRequest, device, log=print):

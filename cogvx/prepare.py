@@ -14,7 +14,7 @@ import hashlib
 import json
 import resource
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +63,7 @@ class PrepareSummary:
     memory_kind: str
     encode_seconds: float = 0.0  # decode + VAE + T5 + write, without validation and model load
     encode_clips_per_second: float = 0.0
+    phase_seconds: dict[str, float] = field(default_factory=dict)  # decode_wait, vae, write, t5
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -172,28 +173,43 @@ def _read_rgb(path: Path):
         return np.asarray(image.convert("RGB"))  # [H, W, 3]
 
 
-def encode_videos(pipe, plans: list[Plan], infos, config: Config, out: Path, device, dtype, progress) -> int:
-    """Encode the clips of ``plans`` into videos/<key>.safetensors; returns how many."""
+def encode_videos(pipe, plans: list[Plan], infos, config: Config, out: Path, device, dtype, progress,
+                  seconds: dict[str, float] | None = None) -> int:
+    """Encode the clips of ``plans`` into videos/<key>.safetensors; returns how many.
+
+    ``seconds`` collects where the time went: waiting for decoded clips, the VAE, writing.
+    """
     if not plans:
         return 0
+    seconds = seconds if seconds is not None else {}
     dataset = ClipDataset(plans, infos, config)
     sampler = BucketBatchSampler([p.bucket for p in plans], config.prepare.batch_size, shuffle=False)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler,
                                          num_workers=config.prepare.num_workers,
-                                         persistent_workers=False)
+                                         persistent_workers=False, pin_memory=device.type == "cuda")
     encoded = 0
+    clock = time.perf_counter()
     for batch in loader:
+        clock = _lap(seconds, "decode_wait", clock)
         with torch.no_grad():
             tensors = {"latent": _encode(pipe.vae, batch["video"], device, dtype)}
             if "image" in batch:
                 tensors["image_latent"] = _encode(pipe.vae, batch["image"], device, dtype)
+        clock = _lap(seconds, "vae", clock)
         for row, key in enumerate(batch["key"]):
             save_tensors(video_file(out, key), {f"{name}_{part}": value[row]
                                          for name, (mean, logvar) in tensors.items()
                                          for part, value in (("mean", mean), ("logvar", logvar))})
         encoded += len(batch["key"])
         progress.update(len(batch["key"]))
+        clock = _lap(seconds, "write", clock)
     return encoded
+
+
+def _lap(seconds: dict[str, float], name: str, since: float) -> float:
+    now = time.perf_counter()
+    seconds[name] = round(seconds.get(name, 0.0) + now - since, 3)
+    return now
 
 
 def _encode(vae, pixels: torch.Tensor, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -305,7 +321,7 @@ def run_prepare(config: Config, prune: bool = False, log=print) -> PrepareSummar
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     videos_done = texts_done = 0
-    encode_seconds = 0.0
+    encode_seconds, phase_seconds = 0.0, {}
     if todo_videos or todo_texts:
         dtype = resolve_dtype(config.model.dtype, spec, device)
         pipe = load_pipeline(str(folder), spec, dtype=dtype, skip=("transformer",))
@@ -319,8 +335,11 @@ def run_prepare(config: Config, prune: bool = False, log=print) -> PrepareSummar
             torch.backends.cudnn.benchmark = True  # one clip shape per bucket: tuned convolutions pay off
         encode_started = time.perf_counter()
         with tqdm(total=len(todo_videos), unit="clip", desc="encoding clips", disable=None) as bar:
-            videos_done = encode_videos(pipe, todo_videos, report.infos, config, out, device, dtype, bar)
+            videos_done = encode_videos(pipe, todo_videos, report.infos, config, out, device, dtype, bar,
+                                        phase_seconds)
+        text_started = time.perf_counter()
         texts_done = encode_texts(pipe, todo_texts, out, device, dtype)
+        _lap(phase_seconds, "t5", text_started)
         encode_seconds = time.perf_counter() - encode_started
     write_manifest(out, build_manifest(config, plans, config.model_source, empty_key))
     write_resolved_config(config, out)
@@ -333,4 +352,5 @@ def run_prepare(config: Config, prune: bool = False, log=print) -> PrepareSummar
                           seconds=round(seconds, 2),
                           clips_per_second=round(videos_done / seconds, 3) if videos_done else 0.0,
                           peak_memory_gib=round(peak, 3), memory_kind=kind, encode_seconds=round(encode_seconds, 2),
-                          encode_clips_per_second=round(videos_done / encode_seconds, 3) if videos_done else 0.0)
+                          encode_clips_per_second=round(videos_done / encode_seconds, 3) if videos_done else 0.0,
+                          phase_seconds=phase_seconds)

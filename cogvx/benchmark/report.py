@@ -14,13 +14,14 @@ SHORT = {"train.fp8_base_weights=true": "fp8 weights", "train.compile=blocks": "
          "train.attention_backend=cudnn": "cuDNN attention",
          "train.attention_backend=flash": "flash attention", "train.optimizer=adamw8bit": "8-bit AdamW",
          "train.optimizer=cpu_offload_adamw": "CPU-offload AdamW", "train.activation_offload=true": "activation offload",
-         "train.method=full": "full fine-tune", "validate.compile=true": "compiled", "validate.offload=model": "model offload"}
+         "train.method=full": "full fine-tune", "validate.compile=true": "compiled", "validate.offload=model": "model offload",
+         "validate.offload=none": "no offload", "validate.fp8_compute=true": "fp8 compute (torchao)"}
 
 
 def settings_text(overrides: list[str]) -> str:
-    """The memory/speed settings of a case in words ('bf16, AdamW' when none is set)."""
+    """The memory/speed settings of a case in words (the defaults when none is set)."""
     words = [SHORT[o] for o in overrides if o in SHORT]
-    return ", ".join(words) or "bf16, AdamW (reference settings)"
+    return ", ".join(words) or "defaults (bf16 weights, eager, AdamW)"
 
 
 def load_results(paths: list[Path]) -> list[dict[str, Any]]:

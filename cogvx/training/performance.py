@@ -69,6 +69,22 @@ def store_base_weights_in_fp8(transformer, compute_dtype: torch.dtype = torch.bf
     return changed
 
 
+def quantize_fp8_compute(transformer, device: torch.device) -> int:
+    """Inference only: fp8 weights and dynamically quantized fp8 activations, per-row scales,
+    in every nn.Linear outside FP8_SKIP (torchao); returns how many layers were quantized."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
+        raise CogvxError("validate.fp8_compute needs a CUDA GPU of compute capability 8.9 or newer (Ada, Hopper); "
+                         "set validate.fp8_compute=false here")
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+    chosen = [name for name, module in transformer.named_modules()
+              if type(module) is torch.nn.Linear and not any(re.search(p, name) for p in FP8_SKIP)]
+    wanted = set(chosen)
+    quantize_(transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
+              filter_fn=lambda module, name: name in wanted)
+    return len(chosen)
+
+
 def compile_blocks(transformer) -> int:
     """torch.compile each transformer block in place (regional compilation): the blocks share
     one graph, so the compile cost is one block's, and the model keeps its state dict names.
