@@ -18,10 +18,16 @@ SHORT = {"train.fp8_base_weights=true": "fp8 weights", "train.compile=blocks": "
          "validate.offload=none": "no offload", "validate.fp8_compute=true": "fp8 compute (torchao)"}
 
 
-def settings_text(overrides: list[str]) -> str:
+DEFAULTS = {"train": "defaults (bf16 weights, eager, AdamW)", "validate": "defaults (bf16 weights, eager, AdamW)",
+            "generate": "defaults (bf16, eager)", "prepare": "VAE + T5-XXL in bf16, 4 decode workers"}
+TARGET_WORDS = {"time_ratio": "time <= {:g}x ref", "mem_ratio": "memory <= {:g}x ref", "peak_gib": "peak <= {:g} GiB",
+                "seconds": "<= {:g} s", "clips_per_s": ">= {:g} clips/s"}
+
+
+def settings_text(overrides: list[str], kind: str = "train") -> str:
     """The memory/speed settings of a case in words (the defaults when none is set)."""
     words = [SHORT[o] for o in overrides if o in SHORT]
-    return ", ".join(words) or "defaults (bf16 weights, eager, AdamW)"
+    return ", ".join(words) or DEFAULTS.get(kind, "defaults")
 
 
 def load_results(paths: list[Path]) -> list[dict[str, Any]]:
@@ -39,6 +45,8 @@ def _fmt(value: Any, digits: int = 2) -> str:
 
 
 def _speed(result: dict[str, Any]) -> str:
+    if result["kind"] == "validate":
+        return f"{_fmt(result.get('s_per_step_median'))} s/step, render {_fmt(result.get('validation_s'), 0)} s"
     if result["kind"] == "generate":
         return f"{_fmt(result.get('seconds'), 1)} s / video"
     if result["kind"] == "prepare":
@@ -47,8 +55,9 @@ def _speed(result: dict[str, Any]) -> str:
 
 
 def _targets(result: dict[str, Any]) -> str:
-    met = result.get("targets_met") or {}
-    return " ".join(f"{key} {'met' if ok else 'MISSED'}" for key, ok in met.items())
+    met, bounds = result.get("targets_met") or {}, result.get("targets") or {}
+    return "; ".join(f"{TARGET_WORDS.get(key, key + ' {:g}').format(bounds.get(key, 0))}: {'met' if ok else 'MISSED'}"
+                     for key, ok in met.items())
 
 
 def rows(reports: list[dict[str, Any]]) -> list[list[str]]:
@@ -63,9 +72,10 @@ def rows(reports: list[dict[str, Any]]) -> list[list[str]]:
                           _fmt(ref["reserved_gb"]), f"{_fmt(ref['s_per_step_median'])} s/step", "1.00", "1.00", ""])
         for result in report.get("cases", []):
             if "error" in result:
-                table.append([result["case"], "", "", "", f"failed: {result['error']}", "", "", ""])
+                settings = settings_text(result.get("overrides", []), result.get("kind", "train")) if "overrides" in result else ""
+                table.append([result["case"], settings, "", "", f"failed: {result['error']}", "", "", ""])
                 continue
-            table.append([result["case"], settings_text(result.get("overrides", [])),
+            table.append([result["case"], settings_text(result.get("overrides", []), result.get("kind", "train")),
                           _fmt(result.get("peak_allocated_gib")), _fmt(result.get("peak_reserved_gib")),
                           _speed(result), _fmt(result.get("time_ratio")), _fmt(result.get("mem_ratio")),
                           _targets(result)])

@@ -56,7 +56,7 @@ def run_worker(case: Case, suite: str, workdir: Path, clips: Path | None, timeou
     if clips is not None:
         command += ["--clips", str(clips)]
     return {"case": case.name, "kind": case.kind, "variant": case.variant, "size": case.size_text,
-            **_run_json(command, timeout)}
+            "overrides": list(case.overrides), **_run_json(command, timeout)}
 
 
 def compare(result: dict[str, Any], case: Case, reference: dict[str, Any] | None) -> dict[str, Any]:

@@ -1,0 +1,84 @@
+"""`cogvx bench`: the smoke suite runs the real code paths on the tiny model, results become
+tables, and the README's memory table is the one generated from the committed results."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cogvx.benchmark.cases import ISSUE7, Case, select
+from cogvx.benchmark.report import README_BEGIN, README_END, load_results, markdown, update_readme
+from cogvx.benchmark.suite import compare, last_result_line
+from cogvx.errors import CogvxError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_smoke_suite_runs_every_kind_through_the_cli(run_cli, tmp_path):
+    out = tmp_path / "smoke.json"
+    done = run_cli("bench", "run", "--suite", "smoke", "--out", str(out), "--workdir", str(tmp_path / "wd"),
+                   timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(out.read_text())
+    cases = {case["case"]: case for case in report["cases"]}
+    assert set(cases) == {"tiny-lora", "tiny-lora-fp8-offload", "tiny-validate", "tiny-generate"}
+    for name in ("tiny-lora", "tiny-lora-fp8-offload", "tiny-validate"):
+        assert len(cases[name]["step_s"]) == 2 or name == "tiny-validate", cases[name]
+        assert cases[name]["loss"] == cases[name]["loss"]  # finite, not NaN
+    assert "validation" in cases["tiny-validate"]["phases"]
+    assert cases["tiny-generate"]["frames"] == 9 and cases["tiny-generate"]["seconds"] > 0
+    assert "tiny-lora-fp8-offload" in done.stdout  # the table is printed
+
+
+def test_every_issue7_case_is_a_valid_config(tmp_path):
+    from cogvx.benchmark.worker import case_config
+
+    for case in ISSUE7:
+        config = case_config(case, tmp_path)  # raises ConfigError on a bad override
+        assert config.spec.key == case.variant and (config.frames, config.height, config.width) == case.size
+
+
+def test_compare_computes_ratios_and_targets():
+    case = Case("x", "train", "tiny-t2v", (9, 64, 96), targets={"time_ratio": 0.6, "peak_gib": 12.0})
+    reference = {"s_per_step_median": 4.0, "peak_gb": 20.0}
+    fast = compare({"s_per_step_median": 2.0, "peak_allocated_gib": 13.0}, case, reference)
+    assert fast["time_ratio"] == 0.5 and fast["mem_ratio"] == 0.65
+    assert fast["targets_met"] == {"time_ratio": True, "peak_gib": False}
+    failed = compare({"error": "exit 1"}, case, reference)
+    assert "targets_met" not in failed
+
+
+def test_result_line_parsing_takes_the_last_result():
+    text = 'noise\nRESULT {"a": 1}\nmore\nRESULT {"a": 2}\n'
+    assert last_result_line(text) == {"a": 2}
+    assert last_result_line("no result here") is None
+
+
+def test_unknown_suite_or_case_is_a_clear_error():
+    with pytest.raises(CogvxError, match="no benchmark suite"):
+        select("nope")
+    with pytest.raises(CogvxError, match="has no case"):
+        select("issue7", ["5b-lora-nope"])
+
+
+def test_readme_memory_table_is_generated_from_the_committed_results():
+    results = sorted((REPO / "bench" / "results").glob("h100-*.json"))
+    assert results, "no committed benchmark results"
+    reports = load_results(results)
+    assert len({report["commit"] for report in reports}) == 1, "results must come from one commit"
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    block = readme.split(README_BEGIN, 1)[1].split(README_END, 1)[0]
+    assert block == "\n" + markdown(reports), "run `cogvx bench table bench/results/h100-*.json --readme README.md`"
+
+
+def test_update_readme_replaces_only_the_marked_block(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{README_BEGIN}\nold\n{README_END}\noutro\n", encoding="utf-8")
+    assert update_readme(readme, "new table\n")
+    assert readme.read_text() == f"intro\n{README_BEGIN}\nnew table\n{README_END}\noutro\n"
+    assert not update_readme(readme, "new table\n")
+    (tmp_path / "plain.md").write_text("no markers")
+    with pytest.raises(CogvxError, match="markers"):
+        update_readme(tmp_path / "plain.md", "x")

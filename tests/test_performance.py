@@ -1,0 +1,174 @@
+"""Memory and speed options on the tiny model: each builds, runs a training step and computes
+the same function as the plain model (within its precision)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from cogvx.config import ConfigError, load_config
+from cogvx.errors import CogvxError
+from cogvx.models.build import build_transformer
+from cogvx.registry import get_spec
+from cogvx.training.lora import add_lora
+from cogvx.training.objective import rotary_embeddings
+from cogvx.training.performance import (
+    Fp8StorageLinear,
+    TransformerAttentionBackend,
+    attention_backend,
+    compile_blocks,
+    enable_checkpointing,
+    quantize_fp8_compute,
+    store_base_weights_in_fp8,
+)
+
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def tiny_lora_model(seed: int = 0, checkpointing: bool = True, offload: bool = False):
+    torch.manual_seed(seed)
+    model = build_transformer(get_spec("tiny-t2v"))
+    if checkpointing:
+        enable_checkpointing(model, offload=offload)
+    add_lora(model, rank=4, alpha=4, target_modules=TARGETS)
+    with torch.no_grad():  # non-zero B matrices, so every LoRA weight gets a gradient
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.02)
+    return model.train()
+
+
+def inputs(seed: int = 1):
+    generator = torch.Generator().manual_seed(seed)
+    latents = torch.randn(1, 3, 16, 8, 12, generator=generator)  # [B, F, C, h, w]
+    text = torch.randn(1, 7, 32, generator=generator)  # [B, L, D]
+    return latents, text
+
+
+def forward(model, latents, text):
+    rotary = rotary_embeddings(model, 64, 96, latents.shape[1], torch.device("cpu"))
+    return model(hidden_states=latents, encoder_hidden_states=text, timestep=torch.tensor([500]),
+                 image_rotary_emb=rotary, return_dict=False)[0]
+
+
+def lora_grads(model) -> dict[str, torch.Tensor]:
+    latents, text = inputs()
+    forward(model, latents, text).pow(2).mean().backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def test_fp8_storage_converts_frozen_base_layers_only():
+    model = tiny_lora_model()
+    reference = copy.deepcopy(model)
+    changed = store_base_weights_in_fp8(model, torch.float32)
+    layers = dict(model.named_modules())
+    assert changed > 0
+    base = layers["transformer_blocks.0.attn1.to_q.base_layer"]
+    assert isinstance(base, Fp8StorageLinear) and base.weight.dtype == torch.float8_e4m3fn
+    assert base.weight_scale.shape == (base.out_features, 1)
+    assert layers["transformer_blocks.0.attn1.to_q.lora_A.default"].weight.dtype == torch.float32
+    assert type(layers["transformer_blocks.0.norm1.linear"]) is torch.nn.Linear  # norms stay as they were
+    assert type(layers["proj_out"]) is torch.nn.Linear
+    latents, text = inputs()
+    with torch.no_grad():
+        error = relative_error(forward(model, latents, text), forward(reference, latents, text))
+    assert 0 < error < 0.05  # e4m3 with per-row scales: a few percent at most, never exact
+
+
+def test_fp8_storage_trains_the_lora_like_the_bf16_model():
+    plain, fp8 = tiny_lora_model(), tiny_lora_model()
+    store_base_weights_in_fp8(fp8, torch.float32)
+    plain_grads, fp8_grads = lora_grads(plain), lora_grads(fp8)
+    assert plain_grads.keys() == fp8_grads.keys()
+    for name in plain_grads:
+        assert relative_error(fp8_grads[name], plain_grads[name]) < 0.1, name
+
+
+def test_fp8_storage_refuses_trainable_weights_and_full_fine_tuning():
+    model = build_transformer(get_spec("tiny-t2v"))  # nothing frozen
+    with pytest.raises(CogvxError, match="frozen"):
+        store_base_weights_in_fp8(model)
+    with pytest.raises(ConfigError, match="fp8_base_weights"):
+        load_config(None, ["train.method=full", "train.fp8_base_weights=true"])
+    with pytest.raises(ConfigError, match="activation_offload"):
+        load_config(None, ["train.gradient_checkpointing=false", "train.activation_offload=true"])
+
+
+def test_activation_offload_gives_the_same_gradients_as_plain_checkpointing():
+    plain = lora_grads(tiny_lora_model(offload=False))
+    offloaded = lora_grads(tiny_lora_model(offload=True))
+    assert plain.keys() == offloaded.keys() and len(plain) > 0
+    for name in plain:
+        assert plain[name].abs().sum() > 0, name  # the first block's LoRA is not cut off
+        torch.testing.assert_close(offloaded[name], plain[name], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_compiled_blocks_with_fp8_storage_and_checkpointing_match_eager():
+    """The combination the reference trainer could not run: regional compile + fp8 storage +
+    non-reentrant checkpointing; its gradients equal the eager model's."""
+    eager, compiled = tiny_lora_model(), tiny_lora_model()
+    for model in (eager, compiled):
+        store_base_weights_in_fp8(model, torch.float32)
+    assert compile_blocks(compiled) == len(compiled.transformer_blocks)
+    expected, actual = lora_grads(eager), lora_grads(compiled)
+    for name in expected:
+        assert relative_error(actual[name], expected[name]) < 1e-3, name
+
+
+def test_attention_backend_restricts_only_the_transformer():
+    model = tiny_lora_model().eval()
+    latents, text = inputs()
+    with torch.no_grad():
+        expected = forward(model, latents, text)
+        with TransformerAttentionBackend(model, "math", torch.device("cpu")):
+            torch.testing.assert_close(forward(model, latents, text), expected, rtol=1e-4, atol=1e-5)
+        with TransformerAttentionBackend(model, "efficient", torch.device("cpu")):
+            with pytest.raises(RuntimeError, match="No (available kernel|viable backend)"):
+                forward(model, latents, text)  # no memory-efficient kernel on a CPU: the hook applied
+            q = torch.randn(1, 2, 5, 8)
+            torch.nn.functional.scaled_dot_product_attention(q, q, q)  # other modules: unrestricted
+        torch.testing.assert_close(forward(model, latents, text), expected)  # hooks removed
+
+
+def test_gpu_only_options_fail_with_a_message_on_cpu():
+    with pytest.raises(CogvxError, match="cudnn needs a CUDA device"):
+        with attention_backend("cudnn", torch.device("cpu")):
+            pass
+    with pytest.raises(CogvxError, match="compute capability"):
+        quantize_fp8_compute(tiny_lora_model(), torch.device("cpu"))
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adam", "adamw8bit"])
+def test_each_optimizer_runs_a_step_with_the_memory_options(optimizer, tmp_path):
+    """The training code with fp8 storage + activation offload + each CPU-capable optimizer."""
+    from cogvx.benchmark.cases import Case
+    from cogvx.benchmark.worker import run_case
+
+    case = Case(f"tiny-{optimizer}", "train", "tiny-t2v", (9, 64, 96),
+                ("train.lora.rank=4", "train.fp8_base_weights=true", "train.activation_offload=true",
+                 "train.attention_backend=math", f"train.optimizer={optimizer}"), steps=2, warmup=1)
+    result = run_case(case, tmp_path)
+    assert result["loss"] == result["loss"] and len(result["step_s"]) == 2
+    assert result["peak_allocated_gib"] > 0
+
+
+@pytest.mark.gpu
+def test_real_architecture_step_with_every_option_on_gpu(tmp_path):
+    """The 5b architecture at a small clip size: fp8 storage, compiled blocks, cuDNN attention,
+    activation offload, 8-bit AdamW; loss finite."""
+    from cogvx.benchmark.cases import Case
+    from cogvx.benchmark.worker import run_case
+
+    case = Case("gpu-5b-small", "train", "cogvideox-5b", (9, 128, 192),
+                ("train.lora.rank=16", "train.fp8_base_weights=true", "train.compile=blocks",
+                 "train.attention_backend=cudnn", "train.activation_offload=true", "train.optimizer=adamw8bit"),
+                steps=2, warmup=1)
+    result = run_case(case, tmp_path)
+    assert result["device"] == "cuda" and result["loss"] == result["loss"]
