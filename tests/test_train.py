@@ -258,3 +258,16 @@ def test_8bit_adamw_state_survives_a_checkpoint(tmp_path):
         for name, value in quant_before.items():
             if isinstance(value, torch.Tensor):
                 assert torch.equal(value.cpu(), quant_after[name].cpu()), name
+
+
+@pytest.mark.parametrize("damaged", ["trainable.safetensors", "optimizer.safetensors", "rng.safetensors"])
+def test_truncated_checkpoint_file_is_named_in_a_clear_error(prepared, tmp_path, damaged):
+    from cogvx.errors import CogvxError
+
+    settings = ("train.max_steps=2", "train.checkpointing_steps=1")
+    run(prepared, tmp_path / "run", *settings)
+    saved = list_checkpoints(tmp_path / "run" / "checkpoints")[-1]
+    target = saved / damaged
+    target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])  # torn after it was complete
+    with pytest.raises(CogvxError, match=f"checkpoint {saved} is damaged"):
+        run(prepared, tmp_path / "run", *settings, resume=str(saved))

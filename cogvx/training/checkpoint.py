@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from cogvx.errors import CogvxError
@@ -130,7 +131,7 @@ def load_checkpoint(path: Path, optimizer, lr_scheduler, generator: torch.Genera
         trainable = load_file(str(path / "trainable.safetensors"))
         opt_tensors = load_file(str(path / "optimizer.safetensors"))
         rng = load_file(str(path / "rng.safetensors"))["generator"]
-    except (OSError, ValueError, KeyError, json.JSONDecodeError) as err:
+    except (OSError, ValueError, KeyError, json.JSONDecodeError, SafetensorError) as err:
         raise CogvxError(f"checkpoint {path} is damaged ({type(err).__name__}: {err}); "
                          "resume from an older one or delete it") from None
     optimizer.load_state_dict(_join_optimizer_state(opt_tensors, state["optimizer"]))
