@@ -37,6 +37,18 @@ def _multiple_of_16(value: int | None) -> int | None:
     return value
 
 
+def _inside_data_root(value: str | None) -> str | None:
+    """Listing files are read from inside data.data_root: a path that leaves it is refused, so a
+    shared params file cannot make cogvx read (and echo in its errors) files elsewhere."""
+    if value is not None:
+        from pathlib import PurePath
+
+        path = PurePath(value)
+        if path.is_absolute() or ".." in path.parts:
+            raise ValueError("must be a path inside data.data_root (relative, no '..')")
+    return value
+
+
 class DataConfig(Section):
     """Where the training clips come from, how they are listed, and how they are decoded."""
 
@@ -67,6 +79,7 @@ class DataConfig(Section):
     seed: int = Field(0, ge=0, description="Seed of synthetic clips and of random crops and flips.")
 
     _check_size = field_validator("height", "width")(_multiple_of_16)
+    _check_listing = field_validator("prompts_file", "videos_file", "images_file", "metadata_file")(_inside_data_root)
 
     @field_validator("buckets")
     @classmethod

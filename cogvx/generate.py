@@ -7,6 +7,7 @@ from pathlib import Path
 
 from cogvx.config import Config
 from cogvx.errors import CogvxError
+from cogvx.registry import get_spec
 
 ADAPTER = "cogvx"
 
@@ -62,12 +63,30 @@ def resolve_weights(config: Config, request: GenerateRequest) -> tuple[Path | No
     return (Path(lora) if lora is not None else None), transformer
 
 
-def attach_lora(pipe, path: Path, scale: float, log=print) -> dict:
-    """Load a LoRA into the pipeline at ``scale`` x (alpha / rank), alpha read from the file."""
+def check_lora_base(meta: dict, spec, path: Path, log=print) -> None:
+    """Refuse a LoRA trained on another kind of model (text vs image to video, 1.0 vs 1.5):
+    its layers may have the same shapes and load silently into the wrong model."""
+    from cogvx.registry import resolve_key
+
+    trained = resolve_key(str(meta["cogvx"].get("variant") or ""))
+    if spec is None or trained is None or trained == spec.key:
+        return
+    other = get_spec(trained)
+    if (other.task, other.generation, other.tiny) != (spec.task, spec.generation, spec.tiny):
+        raise CogvxError(f"{path} was trained on {other.key} (CogVideoX {other.generation} {other.task}); "
+                         f"this model is {spec.key} (CogVideoX {spec.generation} {spec.task}): "
+                         "use the base model it was trained on")
+    log(f"note: {path.name} was trained on {other.key}; applying it to {spec.key}")
+
+
+def attach_lora(pipe, path: Path, scale: float, log=print, spec=None) -> dict:
+    """Load a LoRA into the pipeline at ``scale`` x (alpha / rank), alpha read from the file;
+    with ``spec``, a LoRA recorded as trained on another kind of model is refused first."""
     from cogvx.training.lora import read_lora_metadata
 
     path = lora_file(path)
     meta = read_lora_metadata(path)
+    check_lora_base(meta, spec, path, log)
     try:
         pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=ADAPTER)
     except (ValueError, KeyError, RuntimeError) as err:
@@ -101,7 +120,7 @@ def generation_pipeline(config: Config, request: GenerateRequest, log=print, tra
     if transformer_module is not None:
         pipe.transformer = transformer_module
     if lora is not None:
-        attach_lora(pipe, lora, request.lora_scale, log)
+        attach_lora(pipe, lora, request.lora_scale, log, spec=spec)
     validate = config.validate_
     if validate.fp8_compute:
         _quantize_for_rendering(pipe, device, lora is not None, log)

@@ -24,7 +24,7 @@ from PIL import Image
 from cogvx import __version__
 from cogvx.config import Config, write_resolved_config
 from cogvx.data.buckets import Bucket, BucketBatchSampler, assign_bucket
-from cogvx.data.latents import (MANIFEST_FORMAT, is_complete, read_manifest, text_file,
+from cogvx.data.latents import (MANIFEST_FORMAT, LatentsError, is_complete, read_manifest, text_file,
                                 video_file, write_manifest)
 from cogvx.io import atomic_file
 
@@ -236,12 +236,18 @@ def encode_texts(pipe, captions: dict[str, str], out: Path, device, dtype) -> in
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """Write tensors to a safetensors file atomically, tagged with the latents format."""
+    """Write tensors to a safetensors file atomically, tagged with the latents format; a failed
+    write (full disk, quota) leaves no partial file and says how to continue."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    with atomic_file(path, suffix=".safetensors") as tmp:
-        save_file({name: t.contiguous() for name, t in tensors.items()}, str(tmp),
-                  metadata={"format": MANIFEST_FORMAT})
+    try:
+        with atomic_file(path, suffix=".safetensors") as tmp:
+            save_file({name: t.contiguous() for name, t in tensors.items()}, str(tmp),
+                      metadata={"format": MANIFEST_FORMAT})
+    except (OSError, SafetensorError) as err:
+        raise LatentsError(f"could not write {path} ({err}); the latents already written are kept. "
+                           "Free disk space, then run `cogvx prepare` again: it encodes only what is missing") from None
 
 
 def build_manifest(config: Config, plans: list[Plan], source: str, empty_key: str) -> dict[str, Any]:

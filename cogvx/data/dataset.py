@@ -139,6 +139,10 @@ def _is_clean(*values: str | None) -> bool:
     return not any(v is not None and any("\udc80" <= ch <= "\udcff" for ch in v) for v in values)
 
 
+# T5 reads 226 tokens (~1,000 characters); far longer captions mean a broken listing file.
+MAX_CAPTION_CHARS = 10_000
+
+
 def _make_sample(root: Path, caption: Any, video: Any, image: Any, origin: str,
                  names: tuple[str, str], problems: list[Problem],
                  caption_origin: str | None = None) -> Sample | None:
@@ -165,6 +169,11 @@ def _make_sample(root: Path, caption: Any, video: Any, image: Any, origin: str,
     if not caption_text:
         problems.append(Problem(caption_origin or origin, f"empty caption ({names[0]}) for "
                                 f"{video_rel}", video=video_rel))
+        return None
+    if len(caption_text) > MAX_CAPTION_CHARS:
+        problems.append(Problem(caption_origin or origin, f"caption ({names[0]}) for {video_rel} is "
+                                f"{len(caption_text):,} characters; over {MAX_CAPTION_CHARS:,} is refused "
+                                "(T5 reads 226 tokens; a caption this long is a broken listing)", video=video_rel))
         return None
     return Sample(caption=caption_text, video=(root / video_rel).resolve(),
                   image=(root / image_rel).resolve() if image_rel else None,

@@ -105,13 +105,19 @@ def save_checkpoint(root: Path, step: int, trainable: dict[str, torch.Tensor], o
     """Write checkpoint ``step`` atomically, then keep only the newest ``limit`` checkpoints."""
     target = checkpoint_dir(root, step)
     opt_tensors, opt_meta = _split_optimizer_state(optimizer.state_dict())
-    with atomic_directory(target) as staging:
-        save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, str(staging / "trainable.safetensors"))
-        save_file(opt_tensors, str(staging / "optimizer.safetensors"))
-        save_file({"generator": generator.get_state()}, str(staging / "rng.safetensors"))
-        state = {"step": step, "progress": progress, "optimizer": opt_meta,
-                 "lr_scheduler": lr_scheduler.state_dict()}
-        (staging / STATE_FILE).write_text(json.dumps(state, indent=1, default=_jsonable), encoding="utf-8")
+    try:
+        with atomic_directory(target) as staging:
+            save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, str(staging / "trainable.safetensors"))
+            save_file(opt_tensors, str(staging / "optimizer.safetensors"))
+            save_file({"generator": generator.get_state()}, str(staging / "rng.safetensors"))
+            state = {"step": step, "progress": progress, "optimizer": opt_meta,
+                     "lr_scheduler": lr_scheduler.state_dict()}
+            (staging / STATE_FILE).write_text(json.dumps(state, indent=1, default=_jsonable), encoding="utf-8")
+    except (OSError, SafetensorError) as err:
+        kept = list_checkpoints(root)
+        previous = f"the previous checkpoint {kept[-1]} is intact" if kept else "no earlier checkpoint exists"
+        raise CogvxError(f"could not write checkpoint {target} ({err}); {previous}. Free disk space "
+                         "(or raise the quota), then continue with --resume latest") from None
     if limit is not None:
         for old in list_checkpoints(root)[:-limit]:
             shutil.rmtree(old)

@@ -1,0 +1,157 @@
+"""Faults injected for real into `cogvx` processes: SIGKILL at random moments of prepare and
+training, a full disk while writing latents or checkpoints."""
+
+from __future__ import annotations
+
+import random
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cogvx.training.checkpoint import list_checkpoints
+from tests.test_train import base_overrides, prepared  # noqa: F401  (module fixture)
+
+
+def train_cli(prepared, out: Path, *extra: str, file_size_limit: int | None = None) -> subprocess.CompletedProcess:
+    """`cogvx train` in a child process; ``file_size_limit`` caps every file it writes (bytes),
+    so the write that crosses it fails as it does on a full disk (EFBIG: Python ignores SIGXFSZ)."""
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
+
+    args = [sys.executable, "-m", "cogvx", "train", *base_overrides(prepared), f"train.output_dir={out}", *extra]
+    return subprocess.run(args, cwd=out.parent, capture_output=True, text=True, timeout=300,
+                          preexec_fn=limit if file_size_limit is not None else None)
+
+
+def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(prepared, tmp_path):  # noqa: F811
+    out = tmp_path / "run"
+    settings = ("train.max_steps=4", "train.checkpointing_steps=2", "validate.every_n_steps=0")
+    first = train_cli(prepared, out, *settings)
+    assert first.returncode == 0, first.stderr[-2000:]
+    shutil.rmtree(out / "checkpoints" / "checkpoint-000004")  # as if the run had stopped after step 2
+    kept = list_checkpoints(out / "checkpoints")
+    assert [p.name for p in kept] == ["checkpoint-000002"]
+    before = {p.name: p.read_bytes() for p in kept[0].iterdir()}
+    # The run continued with files capped below a checkpoint's size: the step-4 write fails.
+    full = train_cli(prepared, out, *settings, "--resume", "latest", file_size_limit=6000)
+    assert "resumed from" in full.stdout and "step 2" in full.stdout, full.stdout[-1000:]
+    assert full.returncode == 1, full.stderr[-2000:]
+    message = full.stderr.replace("\n", " ")
+    assert "could not write checkpoint" in message and "checkpoint-000002 is intact" in message, message
+    assert "Traceback" not in full.stderr
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["checkpoint-000002"]
+    assert {p.name: p.read_bytes() for p in kept[0].iterdir()} == before
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")], "staging left behind"
+    # Space freed: the run resumes from step 2 and finishes.
+    resumed = train_cli(prepared, out, *settings, "--resume", "latest")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert [p.name for p in list_checkpoints(out / "checkpoints")][-1] == "checkpoint-000004"
+
+
+# ----------------------------------------------------------------------------- prepare
+
+from tests.test_prepare import N_CLIPS, digests, finished_files, make_config, synthetic  # noqa: E402,F401
+
+
+def prepare_cli(data_root: Path, model: Path, out: Path, file_size_limit: int | None = None, **popen):
+    args = [sys.executable, "-m", "cogvx", "prepare", f"model.path={model}", f"data.data_root={data_root}",
+            f"prepare.output_dir={out}", "prepare.num_workers=0"]
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
+
+    return subprocess.Popen(args, cwd=out.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=limit if file_size_limit is not None else None, **popen)
+
+
+@pytest.fixture(scope="module")
+def reference_latents(synthetic, tiny_models, tmp_path_factory):  # noqa: F811
+    from cogvx.prepare import run_prepare
+
+    out = tmp_path_factory.mktemp("reference") / "latents"
+    run_prepare(make_config(synthetic, tiny_models["tiny-t2v"], out), log=lambda *_: None)
+    return out
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_prepare_killed_at_a_random_moment_resumes_to_the_same_files(seed, synthetic, tiny_models,  # noqa: F811
+                                                                     reference_latents, tmp_path):
+    """SIGKILL after a random 0.5-8 s (model load, encoding or writing); the re-run encodes only
+    what is missing and ends with the uninterrupted run's files, byte for byte."""
+    from cogvx.prepare import run_prepare
+
+    out = tmp_path / "latents"
+    process = prepare_cli(synthetic, tiny_models["tiny-t2v"], out)
+    time.sleep(random.Random(seed).uniform(0.5, 8.0))
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    done_before = len(finished_files(out)) if out.exists() else 0
+    resumed = run_prepare(make_config(synthetic, tiny_models["tiny-t2v"], out), log=lambda *_: None)
+    assert resumed.videos_encoded == N_CLIPS - done_before
+    assert digests(out) == digests(reference_latents)
+
+
+def test_disk_full_while_writing_latents_keeps_what_was_written(synthetic, tiny_models, reference_latents,  # noqa: F811
+                                                                tmp_path):
+    """Half the clips already encoded; the next clip latent's write crosses the file-size cap:
+    exit 4 with what to do, the files already there untouched, no partial file; with space
+    again the re-run encodes only the missing clips and ends with the reference files."""
+    from cogvx.prepare import run_prepare
+
+    out = tmp_path / "latents"
+    shutil.copytree(reference_latents, out)
+    (out / "manifest.json").unlink()
+    missing = sorted((out / "videos").glob("*.safetensors"))[:2]
+    for path in missing:
+        path.unlink()
+    kept = digests(out)
+    cap = min(p.stat().st_size for p in (reference_latents / "videos").glob("*.safetensors")) - 1
+    process = prepare_cli(synthetic, tiny_models["tiny-t2v"], out, file_size_limit=cap)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 4, stderr[-2000:]
+    message = stderr.replace("\n", " ")
+    assert "could not write" in message and "encodes only what is missing" in message and "Traceback" not in stderr
+    assert digests(out) == kept and not list(out.rglob(".*.safetensors"))
+    resumed = run_prepare(make_config(synthetic, tiny_models["tiny-t2v"], out), log=lambda *_: None)
+    assert resumed.videos_encoded == len(missing)
+    assert digests(out) == digests(reference_latents)
+
+
+# ----------------------------------------------------------------------------- training kills
+
+from tests.test_train import lora_tensors, run, train_process  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def straight_run(prepared, tmp_path_factory):  # noqa: F811
+    out = tmp_path_factory.mktemp("straight") / "run"
+    run(prepared, out, *KILL_SETTINGS)
+    return lora_tensors(out)
+
+
+KILL_SETTINGS = ("train.max_steps=30", "train.checkpointing_steps=1", "train.checkpoints_total_limit=2",
+                 "validate.every_n_steps=0")
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_training_killed_at_a_random_moment_resumes_bit_identically(seed, prepared, straight_run, tmp_path):  # noqa: F811
+    """SIGKILL at a random moment of a run that checkpoints every step (so kills land in
+    checkpoint writes too); `--resume latest` finishes with the uninterrupted run's LoRA."""
+    out = tmp_path / "killed"
+    out.mkdir()
+    process = train_process(prepared, out, *KILL_SETTINGS)
+    time.sleep(random.Random(seed).uniform(3.0, 9.0))
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    finished = run(prepared, out, *KILL_SETTINGS, resume="latest")
+    assert finished["steps"] == 30
+    resumed = lora_tensors(out)
+    assert all(torch.equal(straight_run[k], resumed[k]) for k in straight_run)
