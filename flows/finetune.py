@@ -55,7 +55,7 @@ def finetune(params: str | None = "params.yaml", overrides: list[str] | None = N
         "data_root": data_root,
         "validate": data,
         "prepare": prepared,
-        "train": {key: trained[key] for key in ("steps", "final_loss", "weights", "recovered_steps", "run_id")},
+        "train": {key: trained[key] for key in ("steps", "final_loss", "weights", "recovered_steps", "recovery_s", "run_id")},
         "render": sample,
         "register": registered,
     }

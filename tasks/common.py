@@ -6,7 +6,8 @@ Fault injection
 ``register``, ``build-base-model`` or ``check-model``) together with
 ``COGVX_FAIL_ONCE_MARKER=<path>`` makes that task raise ``RuntimeError("injected fault")`` the
 first time it starts, when the marker file does not exist yet (it is created then), and run
-normally on the retry, since the marker is there by then. Both variables must be set; without the
+normally on the retry, since the marker is there by then. ``train@N`` crashes training instead
+at optimizer step N (after the step, before its checkpoint), so the retry must resume. Both variables must be set; without the
 marker nothing is injected. Delete the marker to inject the fault again. Tests use it to check
 that Prefect retries a task and that a retried ``train`` resumes instead of starting over.
 
@@ -28,10 +29,12 @@ FAIL_ONCE_ENV = "COGVX_FAIL_ONCE"
 FAIL_ONCE_MARKER_ENV = "COGVX_FAIL_ONCE_MARKER"
 
 
-def fail_once(task_name: str) -> None:
-    """Raise RuntimeError("injected fault") if COGVX_FAIL_ONCE names this task and its marker
-    file does not exist yet (creating it, so the retry runs normally)."""
-    if os.environ.get(FAIL_ONCE_ENV, "").strip() != task_name:
+def fail_once(task_name: str, step: int | None = None) -> None:
+    """Raise RuntimeError("injected fault") if COGVX_FAIL_ONCE names this task (at its start, or
+    ``<task>@N`` at step N) and its marker file does not exist yet (creating it, so the retry
+    runs normally)."""
+    name, _, at = os.environ.get(FAIL_ONCE_ENV, "").strip().partition("@")
+    if name != task_name or (step is None) != (not at) or (at and step != int(at)):
         return
     marker = os.environ.get(FAIL_ONCE_MARKER_ENV, "").strip()
     if not marker:

@@ -56,7 +56,8 @@ def train(params: str | None, overrides: list[str]) -> dict[str, Any]:
 
     ``steps``, ``final_loss``, ``weights`` (the LoRA folder, or the full transformer folder),
     ``validation_videos``, ``report`` (the full report.json), ``recovered_steps`` (steps taken
-    over from a checkpoint: 0 on a fresh start, > 0 when a retry or a re-run resumed), ``run_id``
+    over from a checkpoint: 0 on a fresh start, > 0 when a retry or a re-run resumed),
+    ``recovery_s`` (seconds the resuming attempt took to load and restore its checkpoint), ``run_id``
     (the MLflow run, None when tracking is off) and ``registered`` (the registry version when
     train registered the LoRA itself, else None).
     """
@@ -67,7 +68,8 @@ def train(params: str | None, overrides: list[str]) -> dict[str, Any]:
 
     logger = run_logger()
     config = load_config(params, overrides)
-    report = run_training(config, resume="latest", log=logger.info)
+    report = run_training(config, resume="latest", log=logger.info,
+                          on_step=lambda step, *_: fail_once("train", step))
     steps_recovered = report["resumed_from_step"]
     tracking = report.get("tracking") or {}  # the MLflow run, when tracking.enabled
     logger.info("train attempt %s: recovered %d of %d steps from a checkpoint, trained %d; "
@@ -75,7 +77,8 @@ def train(params: str | None, overrides: list[str]) -> dict[str, Any]:
                 report["steps"] - steps_recovered, report["final_loss"], report["weights"])
     return {"steps": report["steps"], "final_loss": report["final_loss"], "weights": report["weights"],
             "method": report["method"], "validation_videos": report["validation_videos"],
-            "recovered_steps": steps_recovered, "run_id": tracking.get("run_id"),
+            "recovered_steps": steps_recovered, "recovery_s": report["setup_s"] if steps_recovered else 0.0,
+            "run_id": tracking.get("run_id"),
             "registered": tracking.get("registered"),
             "report": str(Path(config.train.output_dir) / "report.json")}
 

@@ -217,6 +217,28 @@ def test_train_fails_once_and_is_retried(workspace: Path, first_run: tuple[Any, 
     assert (workspace / "train-retried" / "lora" / LORA_FILE).is_file()
 
 
+def test_training_crashed_mid_run_is_retried_from_its_checkpoint(workspace: Path, first_run: tuple[Any, dict[str, Any]],
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A crash at step 4 of 5 (checkpoints every step): Prefect retries the task, which resumes
+    from step 3 instead of starting over, and reports how long recovering took."""
+    from flows.finetune import finetune
+
+    marker = workspace / "fail-once-train-at-4"
+    monkeypatch.setenv("COGVX_FAIL_ONCE", "train@4")
+    monkeypatch.setenv("COGVX_FAIL_ONCE_MARKER", str(marker))
+    overrides = [*overrides_for(workspace, "train-crashed"), "train.max_steps=5", "train.checkpointing_steps=1",
+                 "validate.every_n_steps=0"]
+    state = finetune(params=str(workspace / "params.yaml"), overrides=overrides,
+                     out_dir=str(workspace / "samples-crashed"), return_state=True)
+    assert state.is_completed(), state.message
+    summary = state.result()
+    assert marker.is_file()
+    [train] = _runs(state.state_details.flow_run_id)[1]["train"]
+    assert train.run_count == 2
+    assert summary["train"]["steps"] == 5 and summary["train"]["recovered_steps"] == 3
+    assert 0 < summary["train"]["recovery_s"] < 60
+
+
 def test_served_deployment_runs(workspace: Path, first_run: tuple[Any, dict[str, Any]],
                                 prefect_env: dict[str, str]) -> None:
     """`python -m flows serve --cron` serves a deployment; a triggered run completes, resuming
@@ -288,6 +310,13 @@ def test_fail_once_injects_one_fault(tmp_path: Path, monkeypatch: pytest.MonkeyP
         fail_once("render")
     assert marker.is_file()
     fail_once("render")
+    marker.unlink()
+    monkeypatch.setenv("COGVX_FAIL_ONCE", "train@4")
+    fail_once("train")  # at the start: not due
+    fail_once("train", step=3)
+    with pytest.raises(RuntimeError, match="injected fault"):
+        fail_once("train", step=4)
+    fail_once("train", step=4)  # once only
 
 
 def test_config_errors_are_not_retried() -> None:

@@ -391,7 +391,7 @@ def training_loop(run: Run, meter: MemoryMeter, on_step=None) -> None:
                 meter.start("train")
 
 
-def train(config: Config, resume: str | None = None, log=print) -> dict[str, Any]:
+def train(config: Config, resume: str | None = None, log=print, on_step=None) -> dict[str, Any]:
     """Run (or resume) a fine-tune, tracked in MLflow when tracking.enabled; returns the report.
 
     The tracking store is checked before any model loads (a dead server fails the run at once);
@@ -400,8 +400,14 @@ def train(config: Config, resume: str | None = None, log=print) -> dict[str, Any
     from cogvx.tracking import register_lora, tracker_for
 
     tracker = tracker_for(config).start(config)
+
+    def step_done(*figures) -> None:
+        tracker.log_step(*figures)
+        if on_step is not None:
+            on_step(*figures)
+
     try:
-        report = _train(config, resume, log, on_step=tracker.log_step)
+        report = _train(config, resume, log, on_step=step_done)
     except TrainingInterrupted as err:
         tracker.fail(str(err), status="KILLED")
         raise
@@ -418,6 +424,7 @@ def train(config: Config, resume: str | None = None, log=print) -> dict[str, Any
 def _train(config: Config, resume: str | None = None, log=print, on_step=None) -> dict[str, Any]:
     """The training run itself; writes output_dir/report.json, metrics.json and loss.csv."""
     out = Path(config.train.output_dir)
+    started = time.perf_counter()
     meter = MemoryMeter(torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
     meter.start("load")
     run = setup(config)
@@ -428,6 +435,7 @@ def _train(config: Config, resume: str | None = None, log=print, on_step=None) -
         restore(run, resume_from)
         log(f"resumed from {resume_from} at step {run.state.step}")
     meter.stop("load")
+    setup_s = round(time.perf_counter() - started, 2)
     resumed_from_step = run.state.step
     write_resolved_config(config, out)
     meter.start("train")
@@ -437,7 +445,7 @@ def _train(config: Config, resume: str | None = None, log=print, on_step=None) -
     info = {"base_model": config.model_source, "variant": config.spec.key, "steps": run.state.step,
             "config": config.to_dict()}
     weights = save_final(run, out, info)
-    report = {"steps": run.state.step, "resumed_from_step": resumed_from_step, "final_loss": run.state.losses[-1][1] if run.state.losses else None,
+    report = {"steps": run.state.step, "resumed_from_step": resumed_from_step, "setup_s": setup_s, "final_loss": run.state.losses[-1][1] if run.state.losses else None,
               "weights": str(weights), "method": config.train.method, "validation_videos": [str(p) for p in samples],
               "memory": meter.report(),
               "timing": step_timing(run.state.seconds, config.train.batch_size * config.train.gradient_accumulation_steps),
