@@ -46,6 +46,16 @@ def test_bad_input_is_refused_cleanly(corpus, name, run_cli, tmp_path):
     assert "do-not-echo-this" not in result.stdout + result.stderr, "a file outside data_root was read"
 
 
+def test_nothing_listens_beyond_localhost_by_default():
+    """No server the project starts or configures binds to every interface."""
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    files = [p for folder in ("cogvx", "flows", "tasks") for p in (repo / folder).rglob("*.py")]
+    files += [repo / "prefect.yaml", repo / "dvc.yaml", repo / "Makefile"]
+    assert [str(p) for p in files if "0.0.0.0" in p.read_text(encoding="utf-8")] == []
+
+
 def test_remote_code_is_never_trusted():
     """No loader of the project passes trust_remote_code (hub repos cannot run code here)."""
     from pathlib import Path

@@ -125,6 +125,26 @@ def test_disk_full_while_writing_latents_keeps_what_was_written(synthetic, tiny_
     assert digests(out) == digests(reference_latents)
 
 
+def test_truncated_latent_file_is_named_when_training(synthetic, tiny_models, reference_latents, tmp_path):  # noqa: F811
+    """A latent file damaged after prepare: `cogvx train` stops with exit 4 naming it and what to
+    do, and `cogvx prepare` re-encodes exactly that file."""
+    from cogvx.prepare import run_prepare
+
+    out = tmp_path / "latents"
+    shutil.copytree(reference_latents, out)
+    damaged = sorted((out / "videos").glob("*.safetensors"))[0]
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    args = [sys.executable, "-m", "cogvx", "train", f"model.path={tiny_models['tiny-t2v']}",
+            f"data.data_root={synthetic}", f"prepare.output_dir={out}", f"train.output_dir={tmp_path / 'run'}",
+            "train.max_steps=8", "tracking.enabled=false", "validate.every_n_steps=0"]
+    done = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 4, done.stderr[-2000:]
+    message = done.stderr.replace("\n", " ")
+    assert f"cannot read {damaged}" in message and "cogvx prepare" in message and "Traceback" not in done.stderr
+    again = run_prepare(make_config(synthetic, tiny_models["tiny-t2v"], out), log=lambda *_: None)
+    assert again.videos_encoded == 1 and digests(out) == digests(reference_latents)
+
+
 # ----------------------------------------------------------------------------- training kills
 
 from tests.test_train import lora_tensors, run, train_process  # noqa: E402
