@@ -28,6 +28,10 @@ class VideoInfo:
     width: int
 
 
+# Larger frames are refused before decoding a clip: 49 frames of 8K already take 4.9 GB as uint8.
+MAX_CLIP_PIXELS = 7680 * 4320
+
+
 def probe_video(path: str | Path) -> VideoInfo:
     """Frame count, frame rate and size of a clip; VideoError when it cannot be decoded."""
     import decord
@@ -46,6 +50,9 @@ def probe_video(path: str | Path) -> VideoInfo:
         raise VideoError(f"{path}: not a readable video ({str(err).splitlines()[0][:120]})") from None
     if frames == 0 or height == 0 or width == 0:
         raise VideoError(f"{path}: no frames ({frames} frames, {width}x{height})")
+    if height * width > MAX_CLIP_PIXELS:
+        raise VideoError(f"{path}: {width}x{height} frames are larger than 8K (7680x4320); downscale the clip "
+                         "first, e.g. ffmpeg -i IN -vf scale=-2:1080 OUT")
     return VideoInfo(frames=frames, fps=fps if math.isfinite(fps) and fps > 0 else 0.0,
                      height=int(height), width=int(width))
 

@@ -57,6 +57,17 @@ def _write_clip(path: Path, frames: int) -> None:
     write_mp4(path, video, fps=8)
 
 
+def _write_huge_clip(path: Path) -> None:
+    """Two black 8640x8640 frames (74.6 MP each: above 8K), small on disk."""
+    import subprocess
+
+    import imageio_ffmpeg
+
+    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-y", "-f", "lavfi", "-i",
+                    "color=c=black:s=8640x8640:r=8", "-frames:v", "2", "-c:v", "libx264", "-preset", "ultrafast",
+                    "-pix_fmt", "yuv420p", str(path)], check=True, timeout=120)
+
+
 def _dataset(root: Path, name: str, captions: list[str], clips: list[str]) -> Path:
     folder = root / "data" / name
     (folder / "videos").mkdir(parents=True)
@@ -75,12 +86,15 @@ def _datasets(root: Path) -> list[BadInput]:
     (empty_mp4 / "videos" / "empty.mp4").write_bytes(b"")
     long_caption = _dataset(root, "megabyte-caption", ["a good clip", "word " * 200_000],
                             ["videos/good.mp4", "videos/good.mp4"])
+    huge = _dataset(root, "huge-resolution", ["a good clip", "huge"], ["videos/good.mp4", "videos/huge.mp4"])
+    _write_huge_clip(huge / "videos" / "huge.mp4")
     traversal = _dataset(root, "traversal", ["a good clip", "escape"], ["videos/good.mp4", "../../outside.mp4"])
     _write_clip(traversal.parent.parent / "outside.mp4", 24)
     absolute = _dataset(root, "absolute", ["a good clip", "absolute"],
                         ["videos/good.mp4", str(traversal.parent.parent / "outside.mp4")])
     expected = {one_frame: "one.mp4", text_mp4: "text.mp4", empty_mp4: "empty.mp4",
-                long_caption: "characters; over 10,000 is refused", traversal: "../../outside.mp4",
+                long_caption: "characters; over 10,000 is refused", huge: "8640x8640 frames are larger than 8K",
+                traversal: "../../outside.mp4",
                 absolute: "outside.mp4"}
     cases = [BadInput(f"data/{folder.name}", ("data", "validate", f"data.data_root={folder}"), 4, message)
              for folder, message in expected.items()]
