@@ -364,11 +364,14 @@ def bench_run(
     timeout: Annotated[float, typer.Option(help="Seconds allowed per case.")] = 900.0,
 ) -> None:
     """Run a benchmark suite: each case in its own process, the reference step alongside; print a table, write JSON."""
-    from cogvx.benchmark.cases import select
+    import torch
+
+    from cogvx.benchmark.cases import check_runnable, select
     from cogvx.benchmark.report import text_table
     from cogvx.benchmark.suite import run_suite
 
     cases = select(suite, case)
+    check_runnable(cases, torch.cuda.is_available())
     report = run_suite(cases, suite, out_file, workdir, reference, clips, commit, timeout, log=out.print)
     out.print(text_table([report]), highlight=False, soft_wrap=True)
     out.print(f"results in {out_file}")

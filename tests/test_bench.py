@@ -56,6 +56,13 @@ def test_result_line_parsing_takes_the_last_result():
     assert last_result_line("no result here") is None
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="on a GPU the suite would run")
+def test_real_size_suite_on_a_cpu_is_refused_at_once(run_cli, tmp_path):
+    done = run_cli("bench", "run", "--suite", "issue7", "--out", str(tmp_path / "r.json"))
+    assert done.returncode == 1 and "need a CUDA GPU" in done.stderr and "--suite smoke" in done.stderr
+    assert not (tmp_path / "r.json").exists()
+
+
 def test_unknown_suite_or_case_is_a_clear_error():
     with pytest.raises(CogvxError, match="no benchmark suite"):
         select("nope")

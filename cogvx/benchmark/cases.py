@@ -103,6 +103,17 @@ SMOKE: tuple[Case, ...] = (
 SUITES: dict[str, tuple[Case, ...]] = {"issue7": ISSUE7, "smoke": SMOKE}
 
 
+def check_runnable(cases: list[Case], cuda_available: bool) -> None:
+    """Real-size cases need a CUDA GPU (a 5b model in fp32 on a CPU would take 20+ GiB of RAM)."""
+    from cogvx.errors import CogvxError
+    from cogvx.registry import get_spec
+
+    real = [case.name for case in cases if not get_spec(case.variant).tiny]
+    if real and not cuda_available:
+        raise CogvxError(f"cases {', '.join(real[:3])}{' ...' if len(real) > 3 else ''} build real-size models "
+                         "and need a CUDA GPU; on this machine run `cogvx bench run --suite smoke`")
+
+
 def select(suite: str, names: list[str] | None = None) -> list[Case]:
     """The cases of a suite, or the named ones among them (in suite order)."""
     from cogvx.errors import CogvxError
