@@ -7,7 +7,7 @@ from pathlib import Path
 
 from cogvx.config import Config
 from cogvx.errors import CogvxError
-from cogvx.registry import get_spec
+from cogvx.registry import get_spec, resolve_key
 
 ADAPTER = "cogvx"
 
@@ -66,8 +66,6 @@ def resolve_weights(config: Config, request: GenerateRequest) -> tuple[Path | No
 def check_lora_base(meta: dict, spec, path: Path, log=print) -> None:
     """Refuse a LoRA trained on another kind of model (text vs image to video, 1.0 vs 1.5):
     its layers may have the same shapes and load silently into the wrong model."""
-    from cogvx.registry import resolve_key
-
     trained = resolve_key(str(meta["cogvx"].get("variant") or ""))
     if spec is None or trained is None or trained == spec.key:
         return

@@ -34,7 +34,8 @@ def fail_once(task_name: str, step: int | None = None) -> None:
     ``<task>@N`` at step N) and its marker file does not exist yet (creating it, so the retry
     runs normally)."""
     name, _, at = os.environ.get(FAIL_ONCE_ENV, "").strip().partition("@")
-    if name != task_name or (step is None) != (not at) or (at and step != int(at)):
+    due_step = int(at) if at else None  # None: the fault is due at the task's start
+    if name != task_name or step != due_step:
         return
     marker = os.environ.get(FAIL_ONCE_MARKER_ENV, "").strip()
     if not marker:

@@ -14,7 +14,7 @@ into the matmul's input, and the stored weights never change.
 from __future__ import annotations
 
 import re
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from typing import Iterator
 
 import torch
@@ -77,11 +77,10 @@ def quantize_fp8_compute(transformer, device: torch.device) -> int:
                          "set validate.fp8_compute=false here")
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 
-    chosen = [name for name, module in transformer.named_modules()
-              if type(module) is torch.nn.Linear and not any(re.search(p, name) for p in FP8_SKIP)]
-    wanted = set(chosen)
+    chosen = {name for name, module in transformer.named_modules()
+              if type(module) is torch.nn.Linear and not any(re.search(p, name) for p in FP8_SKIP)}
     quantize_(transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
-              filter_fn=lambda module, name: name in wanted)
+              filter_fn=lambda module, name: name in chosen)
     return len(chosen)
 
 
@@ -125,8 +124,7 @@ def attention_backend(name: str, device: torch.device) -> Iterator[None]:
     """Restrict scaled-dot-product attention to one kernel while the block runs ('auto': no
     restriction). cudnn needs a CUDA device; a kernel that cannot run the shapes raises."""
     if name == "auto":
-        with nullcontext():
-            yield
+        yield
         return
     if name == "cudnn" and device.type != "cuda":
         raise CogvxError("train.attention_backend = cudnn needs a CUDA device; use auto, flash or math on a CPU")

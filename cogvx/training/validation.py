@@ -34,7 +34,7 @@ def render_validation(config: Config, folder: Path, transformer, step: int, out_
     fps = validate.fps or config.data.fps or spec.fps
     written = []
     try:
-        for index, prompt in enumerate(config.validate_.prompts):
+        for index, prompt in enumerate(validate.prompts):
             with TransformerAttentionBackend(transformer, config.train.attention_backend, device):
                 video = render(pipe, prompt, frames=validate.frames or bucket.frames,
                                height=validate.height or bucket.height, width=validate.width or bucket.width,
