@@ -169,6 +169,26 @@ def check(overrides: OverridesArg = None, params: ParamsOption = None,
     out.print(f"wrote {out_dir}/sample.mp4")
 
 
+AccelerateConfigOption = Annotated[Optional[Path], typer.Option(
+    "--accelerate-config", help="Run on several processes (GPUs) with this accelerate config file: DDP, FSDP2 or "
+    "DeepSpeed; the files shipped are in configs/accelerate/. Same as `accelerate launch --config_file FILE -m cogvx ...`.",
+    show_default=False)]
+
+
+def launched_elsewhere(accelerate_config: Optional[Path]) -> bool:
+    """With --accelerate-config, run this same command under accelerate launch and return True
+    once it is done (its exit status becomes ours); False means: run it in this process."""
+    if accelerate_config is None:
+        return False
+    from cogvx.distributed import relaunch
+
+    code = relaunch(accelerate_config, sys.argv[1:])
+    if code != 0:
+        raise CogvxError(f"the processes launched with {accelerate_config} failed (exit status {code}); "
+                         "their messages are above")
+    return True
+
+
 SkipInvalidOption = Annotated[bool, typer.Option(
     "--skip-invalid", help="Drop invalid samples (with a JSON report) instead of stopping; same as data.skip_invalid=true.")]
 
@@ -226,13 +246,24 @@ def prepare(
     overrides: OverridesArg = None, params: ParamsOption = None, skip_invalid: SkipInvalidOption = False,
     prune: Annotated[bool, typer.Option(help="Delete latent files the new manifest no longer uses.")] = False,
     summary: Annotated[Optional[Path], typer.Option(help="Also write the run summary (JSON) here.")] = None,
+    accelerate_config: AccelerateConfigOption = None,
 ) -> None:
-    """Validate the data, then encode clips (VAE) and captions (T5) into latents + a manifest."""
+    """Validate the data, then encode clips (VAE) and captions (T5) into latents + a manifest.
+
+    With several processes (--accelerate-config, or accelerate launch -m cogvx prepare) each
+    encodes its share of the clips; the main process writes the manifest.
+    """
     config = resolve_config(params, _with_skip_invalid(overrides, skip_invalid))
+    if launched_elsewhere(accelerate_config):
+        return
     from cogvx.io import atomic_write_text
     from cogvx.prepare import run_prepare
 
+    from cogvx.distributed import is_main_process
+
     result = run_prepare(config, prune=prune, log=out.print)
+    if not is_main_process():
+        return
     text = json.dumps(result.as_dict(), indent=2)
     if summary is not None:
         atomic_write_text(summary, text + "\n")
@@ -244,14 +275,24 @@ def prepare(
 def train(
     overrides: OverridesArg = None, params: ParamsOption = None,
     resume: Annotated[Optional[str], typer.Option(help="'latest' (the newest complete checkpoint, if any) or a checkpoint folder.")] = None,
+    accelerate_config: AccelerateConfigOption = None,
 ) -> None:
-    """Fine-tune on the precomputed latents (LoRA); checkpoints, validation clips, a report."""
+    """Fine-tune on the precomputed latents (LoRA or full); checkpoints, validation clips, a report.
+
+    On several GPUs: --accelerate-config configs/accelerate/ddp-2gpu.yaml (or accelerate launch
+    -m cogvx train); train.batch_size is per GPU.
+    """
     config = resolve_config(params, overrides)
+    if launched_elsewhere(accelerate_config):
+        return
     from cogvx.training.loop import train as run_training
 
     report = run_training(config, resume=resume, log=out.print)
-    summary = {key: report[key] for key in ("steps", "final_loss", "method", "weights", "timing", "memory")}
-    out.print_json(json.dumps(summary))
+    from cogvx.distributed import is_main_process
+
+    if is_main_process():
+        summary = {key: report[key] for key in ("steps", "final_loss", "method", "weights", "processes", "timing", "memory")}
+        out.print_json(json.dumps(summary))
 
 
 @app.command("generate")
@@ -354,7 +395,7 @@ def flow_serve(
 
 @bench_app.command("run")
 def bench_run(
-    suite: Annotated[str, typer.Option(help="Suite of cases: issue7 (real sizes, needs a CUDA GPU with 80 GB) or smoke (tiny model, any machine).")] = "issue7",
+    suite: Annotated[str, typer.Option(help="Suite of cases: issue7 (real sizes, needs a CUDA GPU with 80 GB), issue10 (several GPUs) or smoke (tiny model, any machine).")] = "issue7",
     case: Annotated[Optional[list[str]], typer.Option("--case", help="Run only these cases of the suite (repeatable).")] = None,
     out_file: Annotated[Path, typer.Option("--out", help="JSON results file (rewritten after every case).")] = Path("bench/results/latest.json"),
     reference: Annotated[Optional[Path], typer.Option(help="The reference step script (anchor_lora_step.py) to run side by side.")] = None,
@@ -362,6 +403,7 @@ def bench_run(
     workdir: Annotated[Path, typer.Option(help="Scratch folder for models, latents and runs.")] = Path("outputs/bench"),
     commit: Annotated[Optional[str], typer.Option(help="Commit to record (default: git rev-parse HEAD).")] = None,
     timeout: Annotated[float, typer.Option(help="Seconds allowed per case.")] = 900.0,
+    processes: Annotated[Optional[int], typer.Option(min=1, help="GPUs for the cases run under accelerate launch (default: each case's own).")] = None,
 ) -> None:
     """Run a benchmark suite: each case in its own process, the reference step alongside; print a table, write JSON."""
     import torch
@@ -372,7 +414,8 @@ def bench_run(
 
     cases = select(suite, case)
     check_runnable(cases, torch.cuda.is_available())
-    report = run_suite(cases, suite, out_file, workdir, reference, clips, commit, timeout, log=out.print)
+    report = run_suite(cases, suite, out_file, workdir, reference, clips, commit, timeout, log=out.print,
+                       processes=processes)
     out.print(text_table([report]), highlight=False, soft_wrap=True)
     out.print(f"results in {out_file}")
     failed = [c["case"] for c in report["cases"] if "error" in c]
@@ -391,8 +434,11 @@ def bench_case(
     from cogvx.benchmark.cases import select
     from cogvx.benchmark.worker import run_case
 
+    from cogvx.distributed import is_main_process
+
     result = run_case(select(suite, [name])[0], workdir, clips)
-    print("RESULT " + json.dumps(result), flush=True)
+    if is_main_process():  # under accelerate launch the main process reports for all
+        print("RESULT " + json.dumps(result), flush=True)
 
 
 @bench_app.command("table")

@@ -141,7 +141,7 @@ class TrainConfig(Section):
     seed: int = Field(42, ge=0, description="Seed of every random draw (data order, noise, timesteps).")
     max_steps: int = Field(100, ge=1, description="Optimizer steps to train for (unless epochs is set).")
     epochs: int | None = Field(None, ge=1, description="Train for this many passes over the data instead of max_steps; null uses max_steps.")
-    batch_size: int = Field(1, ge=1, description="Clips per step on each device.")
+    batch_size: int = Field(1, ge=1, description="Clips per step on each process (GPU); the global batch is batch_size x gradient_accumulation_steps x processes.")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches summed into one optimizer step.")
     learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate.")
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"] = Field("constant_with_warmup", description="Learning-rate schedule (diffusers get_scheduler names).")
@@ -163,6 +163,7 @@ class TrainConfig(Section):
     compile: Literal["none", "blocks"] = Field("none", description="torch.compile each transformer block (regional: one block graph, compiled once, reused 30-42 times); the first step compiles (about a minute at real size), every later one is faster. Works with fp8_base_weights and gradient_checkpointing.")
     attention_backend: Literal["auto", "cudnn", "flash", "efficient", "math"] = Field("auto", description="Scaled-dot-product attention kernel: auto lets torch pick; cudnn is fastest on H100/H200; flash and efficient are the FlashAttention-2 and memory-efficient kernels; math is the slow reference.")
     activation_offload: bool = Field(False, description="Keep the checkpointed block inputs in pinned CPU memory instead of on the GPU (needs gradient_checkpointing); saves about 4 GiB at 5b 49x480x720 and 12 GiB at 1.5 81x768x1360, costs PCIe copies.")
+    process_group_timeout_minutes: int = Field(60, ge=1, description="Several processes: how long one waits for the others (e.g. while the main process renders validation clips) before the run fails.")
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapter settings (train.method = lora).")
 
 

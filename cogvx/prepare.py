@@ -63,7 +63,8 @@ class PrepareSummary:
     memory_kind: str
     encode_seconds: float = 0.0  # decode + VAE + T5 + write, without validation and model load
     encode_clips_per_second: float = 0.0
-    phase_seconds: dict[str, float] = field(default_factory=dict)  # decode_wait, vae, write, t5
+    phase_seconds: dict[str, float] = field(default_factory=dict)  # decode_wait, vae, write, t5 (slowest process)
+    processes: int = 1
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -302,33 +303,62 @@ def _device(config: Config) -> torch.device:
 
 
 def run_prepare(config: Config, prune: bool = False, log=print) -> PrepareSummary:
-    """Validate the data set, encode what is missing, write the manifest; return a summary."""
-    from tqdm.auto import tqdm
+    """Validate the data set, encode what is missing, write the manifest; return a summary.
 
+    Launched on several processes (accelerate launch), each encodes its share of the missing
+    clips and captions into the shared folders (files are named by content, so shares never
+    collide); the main process checks that every planned file is there and writes the manifest.
+    """
     from cogvx.data.dataset import apply_policy, validate_dataset
-    from cogvx.models.loader import load_pipeline, resolve_dtype, resolve_source
+    from cogvx.distributed import Processes, shard
+    from cogvx.models.loader import resolve_source
 
     started = time.perf_counter()
+    processes = Processes(config.train.process_group_timeout_minutes)
     out = Path(config.prepare.output_dir)
     report = validate_dataset(config.data, min_frames=min(b.frames for b in config.buckets))
-    samples = apply_policy(report, config.data.skip_invalid, out / "dropped.json")
+    samples = apply_policy(report, config.data.skip_invalid, out / "dropped.json" if processes.is_main else None)
     spec = config.spec
     folder = resolve_source(config.model_source, config.model.revision, config.model.cache_dir, spec)
     plans = plan_samples(samples, report.infos, config, folder)
-    (out / "videos").mkdir(parents=True, exist_ok=True)
-    (out / "texts").mkdir(parents=True, exist_ok=True)
-    remove_partial_files(out)
+    if processes.is_main:
+        (out / "videos").mkdir(parents=True, exist_ok=True)
+        (out / "texts").mkdir(parents=True, exist_ok=True)
+        remove_partial_files(out)
+    processes.wait()  # no process looks for missing files before the leftovers are gone
     names = VIDEO_TENSORS + (IMAGE_TENSORS if spec.task == "i2v" else ())
     todo_videos = list({p.video_key: p for p in plans if not is_complete(video_file(out, p.video_key), names)}.values())
     empty_key = text_key("", text_encoder_id(folder), config)  # for caption dropout
     captions = {empty_key: "", **{p.text_key: p.caption for p in plans}}
-    todo_texts = {k: c for k, c in captions.items() if not is_complete(text_file(out, k), TEXT_TENSORS)}
-    device = _device(config)
+    todo_texts = sorted((k, c) for k, c in captions.items() if not is_complete(text_file(out, k), TEXT_TENSORS))
+    device = processes.device if processes.device is not None and config.prepare.device == "auto" else _device(config)
+    work = encode_share(config, folder, shard(todo_videos, processes.index, processes.count),
+                        dict(shard(todo_texts, processes.index, processes.count)), report.infos, out, device)
+    shares = processes.gather(work)
+    processes.wait()  # every share is on disk
+    if processes.is_main:
+        check_complete(out, plans, names)
+        write_manifest(out, build_manifest(config, plans, config.model_source, empty_key))
+        write_resolved_config(config, out)
+        if prune:
+            log(f"pruned {prune_unreferenced(out, plans)} unreferenced latent files")
+    processes.wait()
+    return summarize(shares, len(plans), len(todo_videos), len(report.samples) - len(samples),
+                     time.perf_counter() - started, device)
+
+
+def encode_share(config: Config, folder: Path, videos: list[Plan], texts: dict[str, str], infos, out: Path,
+                 device: torch.device) -> dict[str, Any]:
+    """Encode this process's clips and captions; what it did, for the summary."""
+    from tqdm.auto import tqdm
+
+    from cogvx.models.loader import load_pipeline, resolve_dtype
+
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    videos_done = texts_done = 0
-    encode_seconds, phase_seconds = 0.0, {}
-    if todo_videos or todo_texts:
+    work: dict[str, Any] = {"videos": 0, "texts": 0, "encode_seconds": 0.0, "phases": {}}
+    if videos or texts:
+        spec = config.spec
         dtype = resolve_dtype(config.model.dtype, spec, device)
         pipe = load_pipeline(str(folder), spec, dtype=dtype, skip=("transformer",))
         pipe.vae.to(device)
@@ -340,23 +370,38 @@ def run_prepare(config: Config, prune: bool = False, log=print) -> PrepareSummar
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # one clip shape per bucket: tuned convolutions pay off
         encode_started = time.perf_counter()
-        with tqdm(total=len(todo_videos), unit="clip", desc="encoding clips", disable=None) as bar:
-            videos_done = encode_videos(pipe, todo_videos, report.infos, config, out, device, dtype, bar,
-                                        phase_seconds)
+        with tqdm(total=len(videos), unit="clip", desc="encoding clips", disable=None) as bar:
+            work["videos"] = encode_videos(pipe, videos, infos, config, out, device, dtype, bar, work["phases"])
         text_started = time.perf_counter()
-        texts_done = encode_texts(pipe, todo_texts, out, device, dtype)
-        _lap(phase_seconds, "t5", text_started)
-        encode_seconds = time.perf_counter() - encode_started
-    write_manifest(out, build_manifest(config, plans, config.model_source, empty_key))
-    write_resolved_config(config, out)
-    if prune:
-        log(f"pruned {prune_unreferenced(out, plans)} unreferenced latent files")
-    seconds = time.perf_counter() - started
-    peak, kind = _peak_memory(device)
-    return PrepareSummary(samples=len(plans), videos_encoded=videos_done, texts_encoded=texts_done,
-                          skipped=len(plans) - len(todo_videos), dropped=len(report.samples) - len(samples),
-                          seconds=round(seconds, 2),
-                          clips_per_second=round(videos_done / seconds, 3) if videos_done else 0.0,
-                          peak_memory_gib=round(peak, 3), memory_kind=kind, encode_seconds=round(encode_seconds, 2),
-                          encode_clips_per_second=round(videos_done / encode_seconds, 3) if videos_done else 0.0,
-                          phase_seconds=phase_seconds)
+        work["texts"] = encode_texts(pipe, texts, out, device, dtype)
+        _lap(work["phases"], "t5", text_started)
+        work["encode_seconds"] = time.perf_counter() - encode_started
+    work["peak"], work["memory_kind"] = _peak_memory(device)
+    return work
+
+
+def check_complete(out: Path, plans: list[Plan], names: tuple[str, ...]) -> None:
+    """Every planned latent file is on disk, complete (what the manifest will promise)."""
+    missing = sorted({str(video_file(out, p.video_key)) for p in plans if not is_complete(video_file(out, p.video_key), names)}
+                     | {str(text_file(out, p.text_key)) for p in plans if not is_complete(text_file(out, p.text_key), TEXT_TENSORS)})
+    if missing:
+        raise LatentsError(f"{len(missing)} latent files are missing after encoding (e.g. {missing[0]}); "
+                           "a process failed: run `cogvx prepare` again, it encodes only what is missing")
+
+
+def summarize(shares: list[dict[str, Any]], samples: int, todo: int, dropped: int, seconds: float,
+              device: torch.device) -> PrepareSummary:
+    """One summary over every process's share: counts added, time of the slowest, peak of any."""
+    videos = sum(share["videos"] for share in shares)
+    encode_seconds = max(share["encode_seconds"] for share in shares)
+    phases: dict[str, float] = {}
+    for share in shares:
+        for name, value in share["phases"].items():
+            phases[name] = round(max(phases.get(name, 0.0), value), 3)
+    return PrepareSummary(samples=samples, videos_encoded=videos, texts_encoded=sum(share["texts"] for share in shares),
+                          skipped=samples - todo, dropped=dropped, seconds=round(seconds, 2),
+                          clips_per_second=round(videos / seconds, 3) if videos else 0.0,
+                          peak_memory_gib=round(max(share["peak"] for share in shares), 3),
+                          memory_kind=shares[0]["memory_kind"], encode_seconds=round(encode_seconds, 2),
+                          encode_clips_per_second=round(videos / encode_seconds, 3) if videos else 0.0,
+                          phase_seconds=phases, processes=len(shares))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cogvx.benchmark.cases import ISSUE7, Case, select
+from cogvx.benchmark.cases import ISSUE7, ISSUE10, Case, select
 from cogvx.benchmark.report import README_BEGIN, README_END, load_results, markdown, update_readme
 from cogvx.benchmark.suite import compare, last_result_line
 from cogvx.errors import CogvxError
@@ -23,7 +23,11 @@ def test_smoke_suite_runs_every_kind_through_the_cli(run_cli, tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads(out.read_text())
     cases = {case["case"]: case for case in report["cases"]}
-    assert set(cases) == {"tiny-lora", "tiny-lora-fp8-offload", "tiny-validate", "tiny-generate"}
+    assert set(cases) == {"tiny-lora", "tiny-lora-fp8-offload", "tiny-lora-ddp", "tiny-validate", "tiny-generate"}
+    # The launched case: 2 processes under accelerate (gloo here), both measured, scaling computed.
+    ddp = cases["tiny-lora-ddp"]
+    assert ddp["processes"] == 2 and ddp["distributed_type"] == "MULTI_CPU", ddp
+    assert len(ddp["peak_allocated_gib_per_process"]) == 2 and ddp["scaling_efficiency"] > 0
     for name in ("tiny-lora", "tiny-lora-fp8-offload", "tiny-validate"):
         assert len(cases[name]["step_s"]) == 2 or name == "tiny-validate", cases[name]
         assert cases[name]["loss"] == cases[name]["loss"]  # finite, not NaN
@@ -35,7 +39,7 @@ def test_smoke_suite_runs_every_kind_through_the_cli(run_cli, tmp_path):
 def test_every_issue7_case_is_a_valid_config(tmp_path):
     from cogvx.benchmark.worker import case_config
 
-    for case in ISSUE7:
+    for case in (*ISSUE7, *ISSUE10):
         config = case_config(case, tmp_path)  # raises ConfigError on a bad override
         assert config.spec.key == case.variant and (config.frames, config.height, config.width) == case.size
 
@@ -89,3 +93,20 @@ def test_update_readme_replaces_only_the_marked_block(tmp_path):
     (tmp_path / "plain.md").write_text("no markers")
     with pytest.raises(CogvxError, match="markers"):
         update_readme(tmp_path / "plain.md", "x")
+
+
+def test_scaling_efficiency_and_launch_commands(tmp_path):
+    from cogvx.benchmark.suite import add_scaling, worker_command
+
+    case = next(c for c in ISSUE10 if c.name == "5b-lora-ddp")
+    result = {"case": case.name, "processes": 2, "samples_per_s": 0.45}
+    add_scaling(result, case, [{"case": "5b-lora-1gpu", "processes": 1, "samples_per_s": 0.25}])
+    assert result["scaling_efficiency"] == 0.9
+    assert compare(result, case, None)["targets_met"] == {"scaling_efficiency": True}
+    command = worker_command(case, "issue10", tmp_path, None, 2)
+    assert command[1:3] == ["-m", "accelerate.commands.launch"] and command[command.index("--num_processes") + 1] == "2"
+    assert Path(command[command.index("--config_file") + 1]).is_file()
+    # DDP on one process runs without a launcher; FSDP keeps it (one shard).
+    assert "accelerate.commands.launch" not in worker_command(case, "issue10", tmp_path, None, 1)
+    fsdp = next(c for c in ISSUE10 if c.launch == "fsdp2.yaml")
+    assert "accelerate.commands.launch" in worker_command(fsdp, "issue10", tmp_path, None, 1)

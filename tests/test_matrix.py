@@ -14,7 +14,7 @@ from cogvx.inference import render
 from cogvx.models.loader import load_pipeline
 from cogvx.registry import TINY_VARIANTS, get_spec
 from cogvx.training.loop import build_optimizer, model_inputs, train
-from cogvx.training.objective import pad_to_temporal_patch, rotary_embeddings
+from cogvx.training.objective import SampleRandom, pad_to_temporal_patch, rotary_embeddings
 
 ONE_STEP = ("train.max_steps=1", "validate.num_inference_steps=1", "train.lora.rank=4", "train.lora.alpha=4",
             "train.learning_rate=1e-3")
@@ -83,7 +83,7 @@ def test_image_conditioning_shapes_padding_scaling_and_ofs(variant, frames, padd
     transformer = load_transformer(str(tiny_models[variant]), spec)
     config = load_config(None, [f"model.variant={variant}", "train.image_dropout=0"])
     batch = batch_for(frames)
-    latents, prompt, extra = model_inputs(batch, config, transformer, 0.7, torch.Generator().manual_seed(0),
+    latents, prompt, extra = model_inputs(batch, config, transformer, 0.7, SampleRandom(0, 1, range(2)),
                                           torch.device("cpu"), torch.float32)
     image = extra["image_latents"]
     assert latents.shape == image.shape == (2, padded, 16, 8, 12)
@@ -118,7 +118,7 @@ def test_image_and_caption_dropout(tiny_models):
     transformer = load_transformer(str(tiny_models["tiny-i2v"]), get_spec("tiny-i2v"))
     config = load_config(None, ["model.variant=tiny-i2v", "train.image_dropout=1", "train.caption_dropout=1"])
     empty = torch.zeros(226, 32)
-    _, prompt, extra = model_inputs(batch_for(3), config, transformer, 0.7, torch.Generator(), torch.device("cpu"),
+    _, prompt, extra = model_inputs(batch_for(3), config, transformer, 0.7, SampleRandom(0, 1, range(2)), torch.device("cpu"),
                                     torch.float32, empty)
     assert extra["image_latents"].abs().sum() == 0 and prompt.abs().sum() == 0
 
@@ -198,7 +198,7 @@ def test_training_conditioning_has_the_layout_the_pipeline_builds(variant, tiny_
     frames = (spec.frames - 1) // 4 + 1
     config = load_config(None, [f"model.variant={variant}", "train.image_dropout=0"])
     latents, _, extra = model_inputs(batch_for(frames, batch=1), config, pipe.transformer, 0.7,
-                                     torch.Generator(), torch.device("cpu"), torch.float32)
+                                     SampleRandom(0, 1, range(1)), torch.device("cpu"), torch.float32)
     ours = extra["image_latents"]
     assert ours.shape == pipeline_image.shape and latents.shape[1] == noise.shape[1]
     pattern = lambda t: [bool(t[:, i].abs().sum() > 0) for i in range(t.shape[1])]  # noqa: E731

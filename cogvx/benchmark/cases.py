@@ -6,6 +6,10 @@ model at a clip size; its kind says which of the project's own code paths runs: 
 validation render, one more step), ``generate`` (one 50-step render as `cogvx generate`
 does) or ``prepare`` (`cogvx prepare` over real clips). ``reference`` names the anchor step
 (shared/bench/anchor_lora_step.py) run in the same invocation to compare with.
+
+A case with ``launch`` runs under ``accelerate launch`` with that file of configs/accelerate/
+on ``processes`` GPUs (DDP, FSDP2, DeepSpeed), through the same training and prepare code;
+``baseline`` names the one-process case its scaling efficiency is measured against.
 """
 
 from __future__ import annotations
@@ -35,6 +39,9 @@ class Case:
     steps: int = 5
     warmup: int = 2
     note: str = ""
+    launch: str | None = None  # accelerate config file in configs/accelerate/
+    processes: int = 1
+    baseline: str | None = None  # case to compute scaling efficiency against
 
     @property
     def size_text(self) -> str:
@@ -94,13 +101,35 @@ SMOKE: tuple[Case, ...] = (
     Case("tiny-lora", "train", "tiny-t2v", (9, 64, 96), ("train.lora.rank=4", "train.lora.alpha=4"), steps=2, warmup=1),
     Case("tiny-lora-fp8-offload", "train", "tiny-t2v", (9, 64, 96),
          ("train.lora.rank=4", "train.fp8_base_weights=true", "train.activation_offload=true"), steps=2, warmup=1),
+    Case("tiny-lora-ddp", "train", "tiny-t2v", (9, 64, 96), ("train.lora.rank=4", "train.lora.alpha=4"), steps=2,
+         warmup=1, launch="ddp-2gpu.yaml", processes=2, baseline="tiny-lora"),
     Case("tiny-validate", "validate", "tiny-t2v", (9, 64, 96),
          ("validate.num_inference_steps=2", "train.attention_backend=flash"), steps=1, warmup=1),
     Case("tiny-generate", "generate", "tiny-t2v", (9, 64, 96),
          ("validate.num_inference_steps=2", "train.attention_backend=flash"), steps=1, warmup=1),
 )
 
-SUITES: dict[str, tuple[Case, ...]] = {"issue7": ISSUE7, "smoke": SMOKE}
+# Several GPUs (issue 10): DDP scaling of the fast LoRA step, sharded full fine-tuning, prepare.
+FULL = ("train.method=full", "train.optimizer=adamw", "train.attention_backend=cudnn")
+ISSUE10: tuple[Case, ...] = (
+    Case("5b-lora-1gpu", "train", "cogvideox-5b", S49, LORA_64 + FP8_FAST, "5b",
+         note="one process: the baseline of the DDP cases"),
+    Case("5b-lora-ddp", "train", "cogvideox-5b", S49, LORA_64 + FP8_FAST, "5b", launch="ddp-2gpu.yaml",
+         processes=2, baseline="5b-lora-1gpu", targets={"scaling_efficiency": 0.9},
+         note="batch 1 per GPU; samples/s over all GPUs"),
+    Case("5b-full-fsdp2", "train", "cogvideox-5b", S49, FULL, None, launch="fsdp2.yaml", processes=2,
+         steps=3, warmup=1, note="weights, gradients and AdamW state sharded; peak per GPU"),
+    Case("5b-full-zero2", "train", "cogvideox-5b", S49, FULL, None, launch="zero2.yaml", processes=2,
+         steps=3, warmup=1, note="DeepSpeed ZeRO-2 (published: 42 GB per GPU on 8 GPUs)"),
+    Case("5b-full-zero3", "train", "cogvideox-5b", S49, FULL, None, launch="zero3.yaml", processes=2,
+         steps=3, warmup=1, note="DeepSpeed ZeRO-3"),
+    Case("prepare-1gpu", "prepare", "cogvideox-5b", S49, (), None, steps=16, warmup=0,
+         note="16 clips on one GPU: the baseline of prepare-ddp"),
+    Case("prepare-ddp", "prepare", "cogvideox-5b", S49, (), None, launch="ddp-2gpu.yaml", processes=2,
+         baseline="prepare-1gpu", steps=16, warmup=0, note="16 clips shared across GPUs"),
+)
+
+SUITES: dict[str, tuple[Case, ...]] = {"issue7": ISSUE7, "issue10": ISSUE10, "smoke": SMOKE}
 
 
 def check_runnable(cases: list[Case], cuda_available: bool) -> None:

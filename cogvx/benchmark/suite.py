@@ -17,6 +17,8 @@ from cogvx.benchmark.cases import Case
 from cogvx.io import atomic_write_text
 
 RESULT_PREFIX = "RESULT "
+ACCELERATE_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "accelerate"
+HIGHER_IS_BETTER = ("clips_per_s", "scaling_efficiency")
 
 
 def last_result_line(output: str) -> dict[str, Any] | None:
@@ -50,13 +52,37 @@ def run_reference(anchor: Path, model: str, steps: int, warmup: int, timeout: fl
     return {"anchor": str(anchor.name), **_run_json(command, timeout)}
 
 
-def run_worker(case: Case, suite: str, workdir: Path, clips: Path | None, timeout: float) -> dict[str, Any]:
-    command = [sys.executable, "-m", "cogvx", "bench", "case", case.name, "--suite", suite,
-               "--workdir", str(workdir)]
+def worker_command(case: Case, suite: str, workdir: Path, clips: Path | None, processes: int) -> list[str]:
+    """`cogvx bench case ...`, under accelerate launch on ``processes`` GPUs for a launch case
+    (DDP on one process is a plain process: accelerate's multi-GPU launcher wants two or more)."""
+    args = ["-m", "cogvx", "bench", "case", case.name, "--suite", suite, "--workdir", str(workdir)]
     if clips is not None:
-        command += ["--clips", str(clips)]
+        args += ["--clips", str(clips)]
+    if case.launch is None or (processes == 1 and case.launch.startswith("ddp-")):
+        return [sys.executable, *args]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE_CONFIGS / case.launch),
+            "--num_processes", str(processes), *args]
+
+
+def run_worker(case: Case, suite: str, workdir: Path, clips: Path | None, timeout: float,
+               processes: int | None = None) -> dict[str, Any]:
+    processes = processes or case.processes
+    command = worker_command(case, suite, workdir, clips, processes)
     return {"case": case.name, "kind": case.kind, "variant": case.variant, "size": case.size_text,
-            "overrides": list(case.overrides), **_run_json(command, timeout)}
+            "overrides": list(case.overrides), "launch": case.launch, "processes": processes,
+            **_run_json(command, timeout)}
+
+
+def add_scaling(result: dict[str, Any], case: Case, done: list[dict[str, Any]]) -> None:
+    """Scaling efficiency against the case's one-process baseline: throughput on N processes
+    over N times the baseline's."""
+    base = next((r for r in done if r["case"] == case.baseline and "error" not in r), None)
+    if base is None or "error" in result:
+        return
+    key = "samples_per_s" if "samples_per_s" in result else "clips_per_s"
+    if key in result and key in base:
+        ideal = base[key] * result["processes"] / base.get("processes", 1)
+        result["scaling_efficiency"] = round(result[key] / ideal, 3)
 
 
 def compare(result: dict[str, Any], case: Case, reference: dict[str, Any] | None) -> dict[str, Any]:
@@ -70,7 +96,7 @@ def compare(result: dict[str, Any], case: Case, reference: dict[str, Any] | None
     for key, bound in case.targets.items():
         value = result.get("peak_allocated_gib" if key == "peak_gib" else key)
         if value is not None:
-            met[key] = value >= bound if key == "clips_per_s" else value <= bound
+            met[key] = value >= bound if key in HIGHER_IS_BETTER else value <= bound
     result["targets"] = case.targets
     result["targets_met"] = met
     return result
@@ -78,8 +104,9 @@ def compare(result: dict[str, Any], case: Case, reference: dict[str, Any] | None
 
 def run_suite(cases: list[Case], suite: str, out: Path, workdir: Path, anchor: Path | None,
               clips: Path | None = None, commit: str | None = None, timeout: float = 900,
-              log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run the reference step once per model that cases compare with, then every case."""
+              log: Callable[[str], None] = print, processes: int | None = None) -> dict[str, Any]:
+    """Run the reference step once per model that cases compare with, then every case
+    (``processes`` replaces the process count of launch cases)."""
     report: dict[str, Any] = {"suite": suite, "commit": commit or git_commit(), "python": platform.python_version(),
                               "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "references": {}, "cases": []}
     for model in sorted({case.reference for case in cases if case.reference}):
@@ -92,7 +119,8 @@ def run_suite(cases: list[Case], suite: str, out: Path, workdir: Path, anchor: P
         _save(out, report)
     for case in cases:
         log(f"case {case.name} ...")
-        result = run_worker(case, suite, workdir, clips, timeout)
+        result = run_worker(case, suite, workdir, clips, timeout, processes if case.launch else None)
+        add_scaling(result, case, report["cases"])
         report["cases"].append(compare(result, case, report["references"].get(case.reference)))
         _save(out, report)
     report["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")

@@ -65,14 +65,19 @@ def timed_steps(run, batches, count: int) -> tuple[list[float], list[float]]:
 
 
 def _training_run(case: Case, config: Config, workdir: Path, device: torch.device):
-    """Assets, random latents and a real-size random transformer, set up by the training code."""
+    """Assets, random latents and a real-size random transformer, set up by the training code
+    (under accelerate launch the main process writes the shared files, the others wait)."""
+    from cogvx.distributed import Processes
     from cogvx.models.build import build_transformer
     from cogvx.models.loader import resolve_dtype
     from cogvx.training.loop import setup
 
     spec = config.spec
-    write_assets(spec, workdir / "models" / case.variant, device, weights=case.kind != "train")
-    write_random_latents(config, Path(config.prepare.output_dir))
+    processes = Processes()
+    if processes.is_main:
+        write_assets(spec, workdir / "models" / case.variant, device, weights=case.kind != "train")
+        write_random_latents(config, Path(config.prepare.output_dir))
+    processes.wait()
     transformer = build_transformer(spec, resolve_dtype(config.model.dtype, spec, device), device)
     run = setup(config, transformer=transformer)
     _release_cache(device)  # the fp32 build and the fp8 conversion leave cached blocks behind
@@ -98,7 +103,7 @@ def run_train(case: Case, workdir: Path, device: torch.device) -> dict[str, Any]
 
     config = case_config(case, workdir)
     run = _training_run(case, config, workdir, device)
-    batches = batches_from(run.dataset, run.sampler, 0)
+    batches = batches_from(run.dataset, run.sampler, 0, run.accelerator.process_index, run.accelerator.num_processes)
     meter = MemoryMeter(device)
     weights = torch.cuda.memory_allocated(device) / GIB if device.type == "cuda" else 0.0
     meter.start("train")
@@ -107,13 +112,24 @@ def run_train(case: Case, workdir: Path, device: torch.device) -> dict[str, Any]
     if not all(math.isfinite(loss) for loss in losses):
         raise CogvxError(f"{case.name}: non-finite loss {losses}")
     result = {"weights_gib": round(weights, 3), "loss": losses[-1], "phases": meter.phases,
-              **_step_figures(seconds, case.warmup, config.train.batch_size)}
+              **_step_figures(seconds, case.warmup, config.train.batch_size * run.accelerator.num_processes)}
     if case.kind == "validate":
         result |= _validate_then_step(run, batches, meter, workdir)
     phases = meter.phases.values()
-    result["peak_allocated_gib"] = max(p["peak_allocated_gib"] for p in phases)
-    result["peak_reserved_gib"] = max(p["peak_reserved_gib"] for p in phases)
+    peaks = _per_process([max(p["peak_allocated_gib"] for p in phases), max(p["peak_reserved_gib"] for p in phases)])
+    result["peak_allocated_gib"] = max(allocated for allocated, _ in peaks)
+    result["peak_reserved_gib"] = max(reserved for _, reserved in peaks)
+    if len(peaks) > 1:
+        result["distributed_type"] = run.accelerator.distributed_type.value
+        result["peak_allocated_gib_per_process"] = [allocated for allocated, _ in peaks]
     return result
+
+
+def _per_process(value):
+    """``value`` of every process of a launched case (just this one's otherwise)."""
+    from cogvx.distributed import Processes
+
+    return Processes().gather(value)
 
 
 def _no_write(frames, path, fps):
@@ -175,24 +191,41 @@ def run_prepare_case(case: Case, workdir: Path, device: torch.device, clips: Pat
     from cogvx.benchmark.assets import make_bench_clips
     from cogvx.prepare import run_prepare
 
+    from cogvx.distributed import Processes
+
     frames, height, width = case.size
-    if clips is None:
-        clips = make_bench_clips(workdir / "clips", case.steps, frames, height, width)
+    processes = Processes()
+    clips = clips or workdir / "clips"
     out = workdir / "prepared" / case.name
-    shutil.rmtree(out, ignore_errors=True)
     config = case_config(case, workdir, (f"data.data_root={clips}", f"prepare.output_dir={out}",
                                          "prepare.num_workers=4"))
-    write_assets(config.spec, workdir / "models" / case.variant, device, weights=True)
+    if processes.is_main:
+        if not (clips / "videos.txt").is_file():
+            make_bench_clips(clips, case.steps, frames, height, width)
+        shutil.rmtree(out, ignore_errors=True)
+        write_assets(config.spec, workdir / "models" / case.variant, device, weights=True)
+    processes.wait()
     summary = run_prepare(config, log=lambda *_: None).as_dict()
     return {**summary, "clips_per_s": summary["encode_clips_per_second"],
             "peak_allocated_gib": summary["peak_memory_gib"]}
 
 
-def run_case(case: Case, workdir: Path, clips: Path | None = None) -> dict[str, Any]:
-    """Measure one case in this process; the result dict the suite collects."""
+def case_device() -> torch.device:
+    """This process's GPU (cuda:LOCAL_RANK under accelerate launch), else the CPU."""
+    import os
+
     from cogvx.inference import pick_device
 
-    device = pick_device()
+    if torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+        return device
+    return pick_device()
+
+
+def run_case(case: Case, workdir: Path, clips: Path | None = None) -> dict[str, Any]:
+    """Measure one case in this process; the result dict the suite collects."""
+    device = case_device()
     workdir = Path(workdir)
     started = time.perf_counter()
     if case.kind in ("train", "validate"):

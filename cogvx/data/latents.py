@@ -135,8 +135,11 @@ class LatentDataset(torch.utils.data.Dataset):
 
 
 def sample_latents(mean: torch.Tensor, logvar: torch.Tensor, scaling_factor: float,
-                   generator: torch.Generator | None = None) -> torch.Tensor:
-    """A fresh draw from the stored VAE posterior, scaled the way training expects."""
+                   generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+    """A fresh draw from the stored VAE posterior, scaled the way training expects; ``noise``
+    (standard normal, the shape of ``mean``) is drawn from ``generator`` unless given."""
     std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-    noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    if noise is None:
+        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    noise = noise.to(mean.device, mean.dtype)
     return (mean + std * noise) * scaling_factor

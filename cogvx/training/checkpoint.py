@@ -1,7 +1,8 @@
 """Resumable training checkpoints, in safetensors and JSON only (no pickle).
 
 A checkpoint folder holds the trainable weights, the optimizer state (tensors in safetensors,
-the rest in JSON), the LR scheduler state, the training RNG and the position in the data. It is
+the rest in JSON), the LR scheduler state and the position in the data (random draws are a
+function of that position, so there is no RNG state to keep). It is
 written into a hidden staging folder and renamed into place, so ``latest`` never picks a
 half-written one; a folder without its ``state.json`` is skipped as torn.
 """
@@ -100,7 +101,7 @@ def _join_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]
 
 
 def save_checkpoint(root: Path, step: int, trainable: dict[str, torch.Tensor], optimizer,
-                    lr_scheduler, generator: torch.Generator, progress: dict[str, Any],
+                    lr_scheduler, progress: dict[str, Any],
                     limit: int | None = None) -> Path:
     """Write checkpoint ``step`` atomically, then keep only the newest ``limit`` checkpoints."""
     target = checkpoint_dir(root, step)
@@ -109,7 +110,6 @@ def save_checkpoint(root: Path, step: int, trainable: dict[str, torch.Tensor], o
         with atomic_directory(target) as staging:
             save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, str(staging / "trainable.safetensors"))
             save_file(opt_tensors, str(staging / "optimizer.safetensors"))
-            save_file({"generator": generator.get_state()}, str(staging / "rng.safetensors"))
             state = {"step": step, "progress": progress, "optimizer": opt_meta,
                      "lr_scheduler": lr_scheduler.state_dict()}
             (staging / STATE_FILE).write_text(json.dumps(state, indent=1, default=_jsonable), encoding="utf-8")
@@ -130,17 +130,15 @@ def _jsonable(value: Any) -> Any:
     raise TypeError(f"cannot store {type(value).__name__} in a checkpoint's JSON")
 
 
-def load_checkpoint(path: Path, optimizer, lr_scheduler, generator: torch.Generator) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Restore optimizer, scheduler and RNG in place; return (trainable tensors, state)."""
+def load_checkpoint(path: Path, optimizer, lr_scheduler) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Restore optimizer and scheduler in place; return (trainable tensors, state)."""
     try:
         state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
         trainable = load_file(str(path / "trainable.safetensors"))
         opt_tensors = load_file(str(path / "optimizer.safetensors"))
-        rng = load_file(str(path / "rng.safetensors"))["generator"]
     except (OSError, ValueError, KeyError, json.JSONDecodeError, SafetensorError) as err:
         raise CogvxError(f"checkpoint {path} is damaged ({type(err).__name__}: {err}); "
                          "resume from an older one or delete it") from None
     optimizer.load_state_dict(_join_optimizer_state(opt_tensors, state["optimizer"]))
     lr_scheduler.load_state_dict(state["lr_scheduler"])
-    generator.set_state(rng)
     return trainable, state

@@ -1,9 +1,16 @@
 """`cogvx train`: one training loop for every model, over precomputed latents, with accelerate.
 
-Resumable exactly: the data order is a pure function of (seed, epoch), the noise and timesteps
-come from one CPU generator saved in every checkpoint, and the optimizer and LR scheduler state
-are restored, so N steps straight and N/2 + resume N/2 give the same weights (bit-identical on
-CPU). SIGINT/SIGTERM save a checkpoint at the next step boundary and exit with code 130.
+Resumable exactly: the data order is a pure function of (seed, epoch), each sample's noise,
+timestep and dropout come from its own generator seeded by its place in that order, and the
+optimizer and LR scheduler state are restored, so N steps straight and N/2 + resume N/2 give the
+same weights (bit-identical on CPU). SIGINT/SIGTERM save a checkpoint at the next step boundary
+and exit with code 130.
+
+On several processes (accelerate launch: DDP, FSDP, DeepSpeed) ``train.batch_size`` is per
+process: each global batch of batch_size x processes samples is split by rows, so N processes
+with batch b train like one process with batch N x b (same samples, same random draws; DDP
+averages the gradients). Checkpoints, validation clips, the final weights and the report are
+written by the main process; the others wait for it.
 """
 
 from __future__ import annotations
@@ -23,9 +30,10 @@ import torch
 from cogvx.config import Config, write_resolved_config
 from cogvx.errors import CogvxError
 from cogvx.io import atomic_write_text
-from cogvx.training.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from cogvx.training.checkpoint import checkpoint_dir, load_checkpoint, resolve_resume, save_checkpoint
+from cogvx.training.sharded import SHARDED_TYPES
 from cogvx.training.memory import MemoryMeter, step_timing
-from cogvx.training.objective import diffusion_loss, pad_to_temporal_patch, rotary_embeddings
+from cogvx.training.objective import SampleRandom, diffusion_loss, pad_to_temporal_patch, rotary_embeddings
 
 
 class TrainingInterrupted(CogvxError):
@@ -95,37 +103,50 @@ def total_steps(config: Config, batches_per_epoch: int) -> int:
     return max(1, config.train.epochs * per_epoch)
 
 
-def batches_from(dataset, sampler, start: int) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Micro-batches from position ``start`` on, epoch after epoch, each epoch's order fixed by its number."""
+def rows_of_process(batch: list[int], process: int, processes: int) -> tuple[int, list[int]]:
+    """Process ``process``'s rows of a global batch: (index of its first row, sample indices).
+
+    With several processes a short global batch (the last of a bucket) is filled up by repeating
+    its samples, as torch's DistributedSampler does, so every process gets the same number of
+    rows and none waits for a gradient another never computes.
+    """
+    if processes == 1:
+        return 0, list(batch)
+    per_process = math.ceil(len(batch) / processes)
+    filled = (batch * processes)[:per_process * processes]
+    first = process * per_process
+    return first, filled[first:first + per_process]
+
+
+def batches_from(dataset, sampler, start: int, process: int = 0,
+                 processes: int = 1) -> Iterator[tuple[int, int, dict[str, Any]]]:
+    """(position, first row, micro-batch) from position ``start`` on, epoch after epoch, each
+    epoch's order fixed by its number; ``sampler`` yields global batches, this process gets its rows."""
     per_epoch = len(sampler)
     position = start
     while True:
         epoch, offset = divmod(position, per_epoch)
         sampler.set_epoch(epoch)
-        order = list(sampler)[offset:]
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=order, num_workers=0)
-        for batch in loader:
+        for global_batch in list(sampler)[offset:]:
+            first_row, rows = rows_of_process(global_batch, process, processes)
+            batch = torch.utils.data.default_collate([dataset[index] for index in rows])
             position += 1
-            yield position, batch
-
-
-def drop_mask(batch: int, probability: float, generator: torch.Generator) -> torch.Tensor:
-    """Which samples of a batch to drop (True), each with ``probability``; draws even at p = 0
-    so the random stream, and with it exact resume, does not depend on the setting."""
-    return torch.rand(batch, generator=generator) < probability
+            yield position, first_row, batch
 
 
 def model_inputs(batch: dict[str, Any], run_config: Config, transformer, scaling: float,
-                 generator: torch.Generator, device: torch.device, dtype: torch.dtype,
+                 random: SampleRandom, device: torch.device, dtype: torch.dtype,
                  empty_prompt: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     """Clean latents [B, F, C, h, w], text embeddings (caption dropout applied), and the
-    conditioning the model needs (image latents with dropout, ofs)."""
+    conditioning the model needs (image latents with dropout, ofs). Dropout draws even at p = 0,
+    so the random stream, and with it exact resume, does not depend on the setting."""
     from cogvx.data.latents import sample_latents
 
     spec, train = run_config.spec, run_config.train
-    latents = sample_latents(batch["latent_mean"], batch["latent_logvar"], scaling, generator).to(device)
+    mean = batch["latent_mean"]  # [B, F, C, h, w]
+    latents = sample_latents(mean, batch["latent_logvar"], scaling, noise=random.randn(tuple(mean.shape[1:]))).to(device)
     prompt_embeds = batch["prompt_embeds"]  # [B, L, D]
-    dropped = drop_mask(latents.shape[0], train.caption_dropout, generator)
+    dropped = random.rand() < train.caption_dropout
     if empty_prompt is not None and dropped.any():
         prompt_embeds = torch.where(dropped.view(-1, 1, 1), empty_prompt.expand_as(prompt_embeds), prompt_embeds)
     patch_t = transformer.config.patch_size_t
@@ -134,9 +155,10 @@ def model_inputs(batch: dict[str, Any], run_config: Config, transformer, scaling
         # The pipeline's conditioning: first-frame latents, zero frames after them, then the same
         # temporal padding as the video latents; 1.5 scales them by 1/scaling_factor.
         image_scale = 1.0 / scaling if spec.invert_scale_latents else scaling
-        image = sample_latents(batch["image_latent_mean"], batch["image_latent_logvar"], image_scale,
-                               generator).to(device)  # [B, 1, C, h, w]
-        keep = ~drop_mask(image.shape[0], train.image_dropout, generator)
+        image_mean = batch["image_latent_mean"]  # [B, 1, C, h, w]
+        image = sample_latents(image_mean, batch["image_latent_logvar"], image_scale,
+                               noise=random.randn(tuple(image_mean.shape[1:]))).to(device)  # [B, 1, C, h, w]
+        keep = ~(random.rand() < train.image_dropout)
         image = image * keep.to(device, image.dtype).view(-1, 1, 1, 1, 1)
         zeros = image.new_zeros(image.shape[0], latents.shape[1] - 1, *image.shape[2:])  # [B, F-1, C, h, w]
         extra["image_latents"] = pad_to_temporal_patch(torch.cat([image, zeros], dim=1), patch_t)
@@ -151,12 +173,6 @@ def _device_and_dtype(config: Config, accelerator) -> tuple[torch.device, torch.
 
     device = accelerator.device
     return device, resolve_dtype(config.model.dtype, config.spec, device)
-
-
-def _mixed_precision(config: Config, device_is_cuda: bool) -> str:
-    if config.train.mixed_precision != "auto":
-        return config.train.mixed_precision
-    return "bf16" if device_is_cuda else "no"
 
 
 @dataclass
@@ -174,7 +190,6 @@ class Run:
     noise_scheduler: Any
     steps: int
     dtype: torch.dtype
-    generator: torch.Generator
     state: TrainState = field(default_factory=TrainState)
     rotary: dict[tuple, Any] = field(default_factory=dict)
 
@@ -186,6 +201,18 @@ class Run:
     @property
     def checkpoints(self) -> Path:
         return Path(self.config.train.output_dir) / "checkpoints"
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def params_sharded(self) -> bool:
+        """Whether each process holds only part of the weights (FSDP, DeepSpeed ZeRO-3): then
+        every process must take part in each forward pass, validation's included."""
+        from cogvx.training.sharded import params_sharded
+
+        return params_sharded(self.accelerator)
 
 
 def ignore_learned_positions(transformer) -> None:
@@ -210,16 +237,24 @@ def check_learned_positions(transformer, buckets) -> None:
 
 
 def save_final(run: Run, out: Path, info: dict[str, Any]) -> Path:
-    """LoRA file (method lora) or a diffusers transformer folder in safetensors shards (full)."""
+    """LoRA file (method lora) or a diffusers transformer folder in safetensors shards (full),
+    written by the main process (with the weights gathered from every process where sharded)."""
     from cogvx.io import atomic_directory
     from cogvx.training.lora import save_lora
 
-    if run.config.train.method == "lora":
-        return save_lora(run.model, out / "lora", info).parent
-    with atomic_directory(out / "full") as staging:
-        run.model.save_pretrained(staging, safe_serialization=True, max_shard_size="5GB")
-        (staging / "cogvx-training.json").write_text(json.dumps(info, indent=1, default=str), encoding="utf-8")
-    return out / "full"
+    lora = run.config.train.method == "lora"
+    target = out / ("lora" if lora else "full")
+    # Collective under FSDP / DeepSpeed: every process must call it.
+    state = run.accelerator.get_state_dict(run.transformer) if run.accelerator.distributed_type in SHARDED_TYPES else None
+    if run.is_main:
+        if lora:
+            save_lora(run.model, target, info, state_dict=state)
+        else:
+            with atomic_directory(target) as staging:
+                run.model.save_pretrained(staging, safe_serialization=True, max_shard_size="5GB", state_dict=state)
+                (staging / "cogvx-training.json").write_text(json.dumps(info, indent=1, default=str), encoding="utf-8")
+    run.accelerator.wait_for_everyone()
+    return target
 
 
 def configure_transformer(transformer, config: Config, dtype: torch.dtype, buckets) -> None:
@@ -259,8 +294,9 @@ def setup(config: Config, transformer=None, dataset=None) -> Run:
     from cogvx.data.latents import LatentDataset
     from cogvx.models.loader import load_transformer, resolve_source
 
-    accelerator = Accelerator(mixed_precision=_mixed_precision(config, torch.cuda.is_available()),
-                              cpu=not torch.cuda.is_available())
+    from cogvx.training.sharded import accelerator_for
+
+    accelerator = accelerator_for(config)
     torch.manual_seed(config.train.seed)
     dataset = dataset if dataset is not None else LatentDataset(config.prepare.output_dir, config)
     device, dtype = _device_and_dtype(config, accelerator)
@@ -270,7 +306,8 @@ def setup(config: Config, transformer=None, dataset=None) -> Run:
         transformer = load_transformer(str(folder), spec, dtype=dtype)
     configure_transformer(transformer, config, dtype, dataset.buckets)
     optimizer = build_optimizer([p for p in transformer.parameters() if p.requires_grad], config, device)
-    sampler = dataset.batch_sampler(config.train.batch_size, seed=config.train.seed)
+    # Global batches: batch_size rows for each process (see the module docstring).
+    sampler = dataset.batch_sampler(config.train.batch_size * accelerator.num_processes, seed=config.train.seed)
     steps = total_steps(config, len(sampler))
     lr_scheduler = get_scheduler(config.train.lr_scheduler, optimizer,
                                  num_warmup_steps=config.train.lr_warmup_steps, num_training_steps=steps)
@@ -278,7 +315,7 @@ def setup(config: Config, transformer=None, dataset=None) -> Run:
     return Run(config=config, accelerator=accelerator, dataset=dataset, sampler=sampler, folder=folder,
                transformer=transformer, optimizer=optimizer, lr_scheduler=lr_scheduler,
                noise_scheduler=CogVideoXDDIMScheduler.from_pretrained(folder, subfolder="scheduler"),
-               steps=steps, dtype=dtype, generator=torch.Generator().manual_seed(config.train.seed))
+               steps=steps, dtype=dtype)
 
 
 # Settings that change neither the weights a step produces nor the data order.
@@ -295,39 +332,62 @@ def fingerprint(config: Config, manifest: dict[str, Any]) -> str:
 
 
 def restore(run: Run, checkpoint: Path) -> None:
-    """Continue ``run`` from a checkpoint: weights, optimizer, LR schedule, RNG, data position."""
+    """Continue ``run`` from a checkpoint: weights, optimizer, LR schedule, data position
+    (every process reads it)."""
     from cogvx.training.lora import load_trainable_state
+    from cogvx.training.sharded import load_sharded_checkpoint
 
-    tensors, saved = load_checkpoint(checkpoint, run.optimizer, run.lr_scheduler, run.generator)
-    load_trainable_state(run.model, tensors)
+    if run.accelerator.distributed_type in SHARDED_TYPES:
+        saved = load_sharded_checkpoint(run.accelerator, checkpoint, run.lr_scheduler)
+    else:
+        tensors, saved = load_checkpoint(checkpoint, run.optimizer, run.lr_scheduler)
+        load_trainable_state(run.model, tensors)
     progress = saved["progress"]
     run.state = TrainState(step=saved["step"], micro_batches=progress["micro_batches"],
                            losses=[tuple(x) for x in progress["losses"]], seconds=progress.get("seconds", []))
 
 
 def checkpoint(run: Run) -> Path:
+    """Save a checkpoint: written by the main process (by every process, each its shard, under
+    FSDP / DeepSpeed); every process returns once it is complete on disk."""
     from cogvx.training.lora import trainable_state
+    from cogvx.training.sharded import save_sharded_checkpoint
 
     progress = {"micro_batches": run.state.micro_batches, "losses": run.state.losses, "seconds": run.state.seconds,
                 "fingerprint": fingerprint(run.config, run.dataset.manifest)}
-    return save_checkpoint(run.checkpoints, run.state.step, trainable_state(run.model), run.optimizer,
-                           run.lr_scheduler, run.generator, progress,
-                           limit=run.config.train.checkpoints_total_limit)
+    limit = run.config.train.checkpoints_total_limit
+    if run.accelerator.distributed_type in SHARDED_TYPES:
+        return save_sharded_checkpoint(run.accelerator, run.checkpoints, run.state.step, run.lr_scheduler,
+                                       progress, limit)
+    path = checkpoint_dir(run.checkpoints, run.state.step)
+    failure = None
+    if run.is_main:
+        try:
+            save_checkpoint(run.checkpoints, run.state.step, trainable_state(run.model), run.optimizer,
+                            run.lr_scheduler, progress, limit=limit)
+        except CogvxError as err:  # raised after the others are released, not while they wait
+            failure = err
+    run.accelerator.wait_for_everyone()
+    if failure is not None:
+        raise failure
+    return path
 
 
-def micro_step(run: Run, batch: dict[str, Any], scaling: float) -> float:
-    """Forward and backward of one micro-batch; returns its loss."""
+def micro_step(run: Run, position: int, first_row: int, batch: dict[str, Any], scaling: float) -> float:
+    """Forward and backward of one micro-batch (rows ``first_row``... of global batch ``position``);
+    returns its loss. accelerate scales the loss for gradient accumulation."""
     device = run.accelerator.device
-    latents, prompt_embeds, extra = model_inputs(batch, run.config, run.model, scaling, run.generator,
+    random = SampleRandom(run.config.train.seed, position, range(first_row, first_row + len(batch["bucket"])))
+    latents, prompt_embeds, extra = model_inputs(batch, run.config, run.model, scaling, random,
                                                  device, run.dtype, run.dataset.empty_prompt_embeds)
     key = tuple(latents.shape)
     if key not in run.rotary:
         height, width = latents.shape[-2] * 8, latents.shape[-1] * 8
         run.rotary[key] = rotary_embeddings(run.model, height, width, latents.shape[1], device)
     with run.accelerator.autocast():
-        loss = diffusion_loss(run.transformer, run.noise_scheduler, latents, prompt_embeds, run.generator,
+        loss = diffusion_loss(run.transformer, run.noise_scheduler, latents, prompt_embeds, random,
                               run.rotary[key], extra)
-    run.accelerator.backward(loss / run.config.train.gradient_accumulation_steps)
+    run.accelerator.backward(loss)
     return loss.detach().item()
 
 
@@ -339,9 +399,13 @@ def optimizer_step(run: Run, batches: Iterator, scaling: float) -> tuple[float, 
     loss = 0.0
     with attention_backend(run.config.train.attention_backend, run.accelerator.device):
         for _ in range(accumulation):
-            run.state.micro_batches, batch = next(batches)
-            loss += micro_step(run, batch, scaling) / accumulation
-    grad_norm = float(run.accelerator.clip_grad_norm_(run.transformer.parameters(), run.config.train.max_grad_norm))
+            run.state.micro_batches, first_row, batch = next(batches)
+            # Gradients are synchronised across processes on the cycle's last micro-batch only.
+            with run.accelerator.accumulate(run.transformer):
+                loss += micro_step(run, run.state.micro_batches, first_row, batch, scaling) / accumulation
+    loss = mean_across_processes(run.accelerator, loss)
+    norm = run.accelerator.clip_grad_norm_(run.transformer.parameters(), run.config.train.max_grad_norm)
+    grad_norm = float(norm) if norm is not None else float("nan")  # DeepSpeed clips inside its engine
     run.optimizer.step()
     run.lr_scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
@@ -350,13 +414,34 @@ def optimizer_step(run: Run, batches: Iterator, scaling: float) -> tuple[float, 
     return loss, grad_norm
 
 
+def mean_across_processes(accelerator, value: float) -> float:
+    """The mean of ``value`` over all processes (the loss of the global batch)."""
+    if accelerator.num_processes == 1:
+        return value
+    return float(accelerator.reduce(torch.tensor([value], device=accelerator.device), reduction="mean").item())
+
+
 def validate(run: Run, meter: MemoryMeter) -> list[Path]:
+    """Render the validation clips. The main process renders and writes them while the others
+    wait; where the weights are sharded every process renders in step (each forward pass needs
+    them all) and only the main process writes."""
     from cogvx.training.validation import render_validation
 
     meter.start("validation")
-    written = render_validation(run.config, run.folder, run.model, run.state.step,
-                                Path(run.config.train.output_dir), run.accelerator.device, run.dtype)
+    written: list[Path] = []
+    failure = None
+    if run.is_main or run.params_sharded:
+        writer = None if run.is_main else (lambda frames, path, fps: path)
+        try:
+            written = render_validation(run.config, run.folder, run.model, run.state.step,
+                                        Path(run.config.train.output_dir), run.accelerator.device, run.dtype,
+                                        writer=writer)
+        except Exception as err:  # re-raised once the other processes are released
+            failure = err
+    run.accelerator.wait_for_everyone()
     meter.stop("validation")
+    if failure is not None:
+        raise failure
     return written
 
 
@@ -366,10 +451,11 @@ def training_loop(run: Run, meter: MemoryMeter, on_step=None) -> None:
 
     train, every = run.config.train, run.config.validate_.every_n_steps
     scaling = run.dataset.manifest["model"]["vae_scaling_factor"]
-    batches = batches_from(run.dataset, run.sampler, run.state.micro_batches)
+    batches = batches_from(run.dataset, run.sampler, run.state.micro_batches,
+                           run.accelerator.process_index, run.accelerator.num_processes)
     seconds = run.state.seconds
-    with stop_requests() as stop, tqdm(total=run.steps, initial=run.state.step, unit="step",
-                                       desc="training", disable=None) as bar:
+    with stop_requests() as stop, tqdm(total=run.steps, initial=run.state.step, unit="step", desc="training",
+                                       disable=None if run.is_main else True) as bar:
         while run.state.step < run.steps:
             started = time.perf_counter()
             loss, grad_norm = optimizer_step(run, batches, scaling)
@@ -378,11 +464,12 @@ def training_loop(run: Run, meter: MemoryMeter, on_step=None) -> None:
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{run.lr_scheduler.get_last_lr()[0]:.2e}",
                             grad=f"{grad_norm:.3f}", s_step=f"{seconds[-1]:.2f}")
             step = run.state.step
-            if on_step is not None:
+            if on_step is not None and run.is_main:
                 on_step(step, loss, run.lr_scheduler.get_last_lr()[0], grad_norm, seconds[-1])
-            if step % train.checkpointing_steps == 0 or step == run.steps or stop:
+            stopping = stop_requested_anywhere(run.accelerator, bool(stop))
+            if step % train.checkpointing_steps == 0 or step == run.steps or stopping:
                 checkpoint(run)
-            if stop:
+            if stopping:
                 raise TrainingInterrupted(f"interrupted at step {step}; checkpoint saved in "
                                           f"{run.checkpoints}; continue with --resume latest")
             if every and step % every == 0 and step < run.steps:
@@ -391,15 +478,27 @@ def training_loop(run: Run, meter: MemoryMeter, on_step=None) -> None:
                 meter.start("train")
 
 
+def stop_requested_anywhere(accelerator, here: bool) -> bool:
+    """Whether any process got SIGINT/SIGTERM, so that all of them checkpoint and stop together."""
+    if accelerator.num_processes == 1:
+        return here
+    flag = torch.tensor([1.0 if here else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+
+
 def train(config: Config, resume: str | None = None, log=print, on_step=None) -> dict[str, Any]:
     """Run (or resume) a fine-tune, tracked in MLflow when tracking.enabled; returns the report.
 
     The tracking store is checked before any model loads (a dead server fails the run at once);
-    once training is under way, a logging failure never loses the trained weights.
+    once training is under way, a logging failure never loses the trained weights. With several
+    processes only the main one tracks, logs and registers.
     """
-    from cogvx.tracking import register_lora, tracker_for
+    from cogvx.distributed import is_main_process
+    from cogvx.tracking import NullTracker, register_lora, tracker_for
 
-    tracker = tracker_for(config).start(config)
+    main = is_main_process()
+    tracker = (tracker_for(config) if main else NullTracker()).start(config)
+    log = log if main else (lambda *args, **kwargs: None)
 
     def step_done(*figures) -> None:
         tracker.log_step(*figures)
@@ -415,7 +514,7 @@ def train(config: Config, resume: str | None = None, log=print, on_step=None) ->
         tracker.fail(f"{type(err).__name__}: {err}")
         raise
     report["tracking"] = tracker.finish(report, Path(config.train.output_dir))
-    if report["tracking"]["complete"] and report["tracking"]["run_id"] and config.train.method == "lora":
+    if main and report["tracking"]["complete"] and report["tracking"]["run_id"] and config.train.method == "lora":
         report["tracking"]["registered"] = register_lora(Path(report["weights"]), config,
                                                          report["tracking"]["run_id"])
     return report
@@ -437,22 +536,50 @@ def _train(config: Config, resume: str | None = None, log=print, on_step=None) -
     meter.stop("load")
     setup_s = round(time.perf_counter() - started, 2)
     resumed_from_step = run.state.step
-    write_resolved_config(config, out)
+    if run.is_main:
+        write_resolved_config(config, out)
     meter.start("train")
     training_loop(run, meter, on_step)
     meter.stop("train")
     samples = validate(run, meter)
     info = {"base_model": config.model_source, "variant": config.spec.key, "steps": run.state.step,
-            "config": config.to_dict()}
+            "processes": run.accelerator.num_processes, "config": config.to_dict()}
     weights = save_final(run, out, info)
+    digests = replica_digests(run)
+    global_batch = config.train.batch_size * config.train.gradient_accumulation_steps * run.accelerator.num_processes
     report = {"steps": run.state.step, "resumed_from_step": resumed_from_step, "setup_s": setup_s, "final_loss": run.state.losses[-1][1] if run.state.losses else None,
               "weights": str(weights), "method": config.train.method, "validation_videos": [str(p) for p in samples],
-              "memory": meter.report(),
-              "timing": step_timing(run.state.seconds, config.train.batch_size * config.train.gradient_accumulation_steps),
+              "processes": run.accelerator.num_processes, "engine": run.accelerator.distributed_type.value,
+              "global_batch": global_batch, "replica_digests": digests,
+              "memory": meter.report(), "timing": step_timing(run.state.seconds, global_batch),
               "losses": run.state.losses}
-    atomic_write_text(out / "report.json", json.dumps(report, indent=1) + "\n")
-    write_metrics(report, out)
+    if run.is_main:
+        atomic_write_text(out / "report.json", json.dumps(report, indent=1) + "\n")
+        write_metrics(report, out)
+    run.accelerator.wait_for_everyone()
     return report
+
+
+def replica_digests(run: Run) -> list[str] | None:
+    """Under DDP every process must end with the same weights: one digest per process (None on
+    one process and where weights are sharded); processes that diverged fail the run."""
+    import hashlib
+
+    from accelerate.utils import gather_object
+
+    from cogvx.training.lora import trainable_state
+
+    if run.accelerator.num_processes == 1 or run.accelerator.distributed_type in SHARDED_TYPES:
+        return None
+    digest = hashlib.sha256()
+    for name, tensor in sorted(trainable_state(run.model).items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    digests = gather_object([digest.hexdigest()])
+    if len(set(digests)) > 1:
+        raise CogvxError(f"the {len(digests)} processes ended with different weights ({', '.join(d[:12] for d in digests)}); "
+                         "the saved weights are the main process's. Report this with the accelerate config used")
+    return digests
 
 
 def write_metrics(report: dict[str, Any], out: Path) -> None:

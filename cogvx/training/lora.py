@@ -52,14 +52,15 @@ def load_trainable_state(transformer, state: dict[str, torch.Tensor]) -> None:
             params[name].copy_(value)
 
 
-def save_lora(transformer, out_dir: Path, info: dict[str, Any]) -> Path:
-    """Write the adapter as ``out_dir/pytorch_lora_weights.safetensors`` (atomically) and return it."""
+def save_lora(transformer, out_dir: Path, info: dict[str, Any], state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write the adapter as ``out_dir/pytorch_lora_weights.safetensors`` (atomically) and return it;
+    ``state_dict`` is the model's full state where the module itself holds only a shard."""
     from diffusers import CogVideoXPipeline
     from peft.utils import get_peft_model_state_dict
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
-    layers = {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(transformer).items()}
+    layers = {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(transformer, state_dict=state_dict).items()}
     adapter = transformer.peft_config["default"].to_dict()
     with atomic_directory(out_dir) as staging:
         CogVideoXPipeline.save_lora_weights(staging, transformer_lora_layers=layers,

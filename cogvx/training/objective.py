@@ -7,6 +7,7 @@ pipeline's own method, so training and generation use exactly the same positions
 
 from __future__ import annotations
 
+import hashlib
 from types import SimpleNamespace
 
 import torch
@@ -37,17 +38,50 @@ def pad_to_temporal_patch(latents: torch.Tensor, patch_size_t: int | None) -> to
     return torch.cat([first, latents], dim=1)  # [B, F + missing, C, h, w]
 
 
+class SampleRandom:
+    """Random numbers drawn per sample, each from its own CPU generator seeded by (seed, position
+    of the micro-batch in the data order, row of the sample in the global batch).
+
+    A sample's latent draw, dropout, timestep and noise therefore depend neither on the batch
+    size nor on how a global batch is split across processes: 2 processes with batch 1 draw what
+    1 process with batch 2 draws, and a resumed run draws what an uninterrupted one would.
+    """
+
+    def __init__(self, seed: int, position: int, rows: range) -> None:
+        self.generators = [torch.Generator().manual_seed(_row_seed(seed, position, row)) for row in rows]
+
+    def __len__(self) -> int:
+        return len(self.generators)
+
+    def randn(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """Standard normal noise of ``shape`` per sample: [B, *shape]."""
+        return torch.stack([torch.randn(shape, generator=g) for g in self.generators])
+
+    def rand(self) -> torch.Tensor:
+        """One uniform [0, 1) number per sample: [B]."""
+        return torch.cat([torch.rand(1, generator=g) for g in self.generators])
+
+    def randint(self, high: int) -> torch.Tensor:
+        """One integer in [0, high) per sample: [B]."""
+        return torch.cat([torch.randint(0, high, (1,), generator=g) for g in self.generators])
+
+
+def _row_seed(seed: int, position: int, row: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{position}:{row}".encode()).digest()[:8], "little") >> 1
+
+
 def diffusion_loss(transformer, scheduler, latents: torch.Tensor, prompt_embeds: torch.Tensor,
-                   generator: torch.Generator, rotary=None, extra_inputs: dict | None = None) -> torch.Tensor:
+                   random: SampleRandom, rotary=None, extra_inputs: dict | None = None) -> torch.Tensor:
     """One training loss: noise clean latents [B, F, C, h, w] at random timesteps, predict, compare.
 
-    ``generator`` draws the timesteps and the noise (on the CPU, so a resumed run on any device
-    draws the same numbers); ``extra_inputs`` carries channel-concatenated image latents or ofs.
+    ``random`` draws each sample's timestep and noise (on the CPU, so any device and any split
+    of the batch across processes draws the same numbers); ``extra_inputs`` carries
+    channel-concatenated image latents or ofs.
     """
     batch = latents.shape[0]
     steps = scheduler.config.num_train_timesteps
-    timesteps = torch.randint(0, steps, (batch,), generator=generator).to(latents.device)
-    noise = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
+    timesteps = random.randint(steps).to(latents.device)
+    noise = random.randn(tuple(latents.shape[1:])).to(latents.device, latents.dtype)  # [B, F, C, h, w]
     noisy = scheduler.add_noise(latents, noise, timesteps)  # [B, F, C, h, w]
     model_input = noisy
     extra = dict(extra_inputs or {})

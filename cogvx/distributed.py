@@ -1,0 +1,105 @@
+"""Several processes (GPUs) with accelerate: launching, who is who, and splitting work.
+
+cogvx does not start processes itself: ``--accelerate-config FILE`` re-runs the same command
+under ``accelerate launch --config_file FILE -m cogvx ...`` (accelerate then runs DDP, FSDP or
+DeepSpeed as the file says), and ``accelerate launch -m cogvx train`` / ``torchrun -m cogvx``
+work directly. Inside, the rank and the number of processes come from the environment those
+launchers set, so they are known before any model or process group exists.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Sequence, TypeVar
+
+from cogvx.errors import ConfigError
+
+T = TypeVar("T")
+OPTION = "--accelerate-config"
+
+
+def rank() -> int:
+    """This process's global rank (0 without a launcher)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    """Number of processes of the run (1 without a launcher)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    return rank() == 0
+
+
+def shard(items: Sequence[T], index: int, count: int) -> list[T]:
+    """Process ``index``'s share of ``items`` out of ``count`` processes: every count-th item,
+    so shares differ in size by at most one and each item goes to exactly one process."""
+    return list(items[index::count])
+
+
+def strip_option(argv: Sequence[str], option: str = OPTION) -> list[str]:
+    """``argv`` without ``option VALUE`` / ``option=VALUE`` (what the launched processes run)."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == option:
+            skip = True
+        elif not arg.startswith(option + "="):
+            kept.append(arg)
+    return kept
+
+
+def launch_command(config_file: Path, argv: Sequence[str]) -> list[str]:
+    """The ``accelerate launch`` command that runs ``cogvx argv`` on the processes of ``config_file``."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file),
+            "-m", "cogvx", *strip_option(argv)]
+
+
+def relaunch(config_file: Path, argv: Sequence[str]) -> int:
+    """Run ``cogvx argv`` under accelerate launch with ``config_file``; return its exit code."""
+    if not Path(config_file).is_file():
+        raise ConfigError(f"{OPTION} {config_file}: no such file; the files shipped with cogvx are in "
+                          "configs/accelerate/ (e.g. ddp-2gpu.yaml)")
+    return subprocess.run(launch_command(config_file, argv), check=False).returncode
+
+
+class Processes:
+    """The processes of a launched command (just this one when not launched): waiting for each
+    other and collecting results, through accelerate's process state (gloo on CPU, NCCL on GPU)."""
+
+    def __init__(self, timeout_minutes: int = 60) -> None:
+        self.index, self.count = rank(), world_size()
+        self.state = None
+        if self.count > 1:
+            from datetime import timedelta
+
+            import torch
+            from accelerate import PartialState
+
+            self.state = PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(minutes=timeout_minutes))
+
+    @property
+    def is_main(self) -> bool:
+        return self.index == 0
+
+    @property
+    def device(self):
+        """This process's device when launched (cuda:LOCAL_RANK on a GPU machine), else None."""
+        return self.state.device if self.state is not None else None
+
+    def wait(self) -> None:
+        if self.state is not None:
+            self.state.wait_for_everyone()
+
+    def gather(self, value) -> list:
+        """``value`` of every process, in rank order (on every process)."""
+        if self.state is None:
+            return [value]
+        from accelerate.utils import gather_object
+
+        return gather_object([value])
