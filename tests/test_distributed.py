@@ -24,13 +24,20 @@ DDP_2 = REPO / "configs" / "accelerate" / "ddp-2gpu.yaml"
 pytestmark = pytest.mark.slow
 
 
+def child_env() -> dict[str, str]:
+    """The environment of launched commands: offline, one thread each, this checkout importable."""
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+
+
 def cogvx(*args: str, cwd: Path, timeout: int = 300, launch: list[str] | None = None) -> subprocess.CompletedProcess:
     """Run `python -m cogvx args` (under ``launch``, e.g. accelerate launch options, when given)."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = child_env()
     prefix = [sys.executable, "-m", "accelerate.commands.launch", *launch] if launch else [sys.executable]
     done = subprocess.run([*prefix, "-m", "cogvx", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    ours = [line for line in done.stderr.splitlines() if "cogvx/" in line or "Error" in line]
+    assert done.returncode == 0, "\n".join([*ours[-40:], done.stdout[-2000:], done.stderr[-2000:]])
     return done
 
 
@@ -160,7 +167,7 @@ def test_fsdp_asked_for_on_a_cpu_is_refused_not_silently_replaced_by_ddp(data, t
         pytest.skip("on a GPU accelerate runs FSDP")
     config = tmp_path / "fsdp2-2.yaml"
     config.write_text((REPO / "configs" / "accelerate" / "fsdp2.yaml").read_text().replace("num_processes: 8", "num_processes: 2"))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = child_env()
     done = subprocess.run([sys.executable, "-m", "cogvx", "train", "--accelerate-config", str(config),
                            *common(data, tmp_path / "latents"), f"train.output_dir={tmp_path / 'out'}"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
@@ -220,3 +227,18 @@ def test_sharded_engines_train_validate_checkpoint_and_resume(engine, method, gp
     assert straight.keys() == resumed.keys() and straight
     for key in straight:
         torch.testing.assert_close(resumed[key].float(), straight[key].float(), rtol=2e-2, atol=1e-3)
+
+
+def test_weights_gathered_from_shards_are_saved_in_the_diffusers_layout(tiny_models, tmp_path):
+    """Under FSDP / ZeRO-3 the final full weights come as a gathered state dict: they are written
+    as diffusers writes them, and load back with from_pretrained."""
+    from diffusers import CogVideoXTransformer3DModel
+
+    from cogvx.training.loop import save_transformer
+
+    model = CogVideoXTransformer3DModel.from_pretrained(tiny_models["tiny-t2v"], subfolder="transformer")
+    state = {name: tensor + 1.0 for name, tensor in model.state_dict().items()}  # not the module's own
+    save_transformer(model, tmp_path, state)
+    loaded = CogVideoXTransformer3DModel.from_pretrained(tmp_path)
+    assert loaded.state_dict().keys() == state.keys()
+    assert all(torch.equal(loaded.state_dict()[k], state[k]) for k in state)

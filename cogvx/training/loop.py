@@ -31,7 +31,7 @@ from cogvx.config import Config, write_resolved_config
 from cogvx.errors import CogvxError
 from cogvx.io import atomic_write_text
 from cogvx.training.checkpoint import checkpoint_dir, load_checkpoint, resolve_resume, save_checkpoint
-from cogvx.training.sharded import SHARDED_TYPES
+from cogvx.training.sharded import SHARDED_TYPES, engine_dtype
 from cogvx.training.memory import MemoryMeter, step_timing
 from cogvx.training.objective import SampleRandom, diffusion_loss, pad_to_temporal_patch, rotary_embeddings
 
@@ -251,10 +251,24 @@ def save_final(run: Run, out: Path, info: dict[str, Any]) -> Path:
             save_lora(run.model, target, info, state_dict=state)
         else:
             with atomic_directory(target) as staging:
-                run.model.save_pretrained(staging, safe_serialization=True, max_shard_size="5GB", state_dict=state)
+                save_transformer(run.model, staging, state)
                 (staging / "cogvx-training.json").write_text(json.dumps(info, indent=1, default=str), encoding="utf-8")
     run.accelerator.wait_for_everyone()
     return target
+
+
+def save_transformer(model, folder: Path, state: dict[str, torch.Tensor] | None) -> None:
+    """The transformer in diffusers' layout (config + safetensors shards of at most 5 GB); from
+    ``state``, the weights gathered from every process, where the module holds only a shard
+    (diffusers' save_pretrained would save the shard)."""
+    if state is None:
+        model.save_pretrained(folder, safe_serialization=True, max_shard_size="5GB")
+        return
+    from huggingface_hub import save_torch_state_dict
+
+    model.save_config(folder)
+    save_torch_state_dict(state, folder, filename_pattern="diffusion_pytorch_model{suffix}.safetensors",
+                          max_shard_size="5GB")
 
 
 def configure_transformer(transformer, config: Config, dtype: torch.dtype, buckets) -> None:
@@ -300,6 +314,7 @@ def setup(config: Config, transformer=None, dataset=None) -> Run:
     torch.manual_seed(config.train.seed)
     dataset = dataset if dataset is not None else LatentDataset(config.prepare.output_dir, config)
     device, dtype = _device_and_dtype(config, accelerator)
+    dtype = engine_dtype(accelerator, dtype)
     spec = config.spec
     folder = resolve_source(config.model_source, config.model.revision, config.model.cache_dir, spec)
     if transformer is None:

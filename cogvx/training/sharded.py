@@ -66,6 +66,14 @@ def check_engine(accelerator) -> None:
                              "On CPUs use configs/accelerate/ddp-2gpu.yaml")
 
 
+def engine_dtype(accelerator, dtype: torch.dtype) -> torch.dtype:
+    """The dtype the model computes in: DeepSpeed casts the whole model to its bf16/fp16 (there
+    is no autocast around it), so inputs must come in that dtype; elsewhere ``dtype``."""
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, dtype)
+    return dtype
+
+
 def fill_deepspeed_config(ds_config: dict[str, Any], config: Config) -> None:
     """Sizes DeepSpeed needs that accelerate cannot infer here (cogvx feeds batches itself, not a
     prepared DataLoader): micro batch, accumulation and clipping, from the cogvx config."""
