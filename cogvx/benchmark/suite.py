@@ -39,8 +39,9 @@ def _run_json(command: list[str], timeout: float) -> dict[str, Any]:
         return {"error": f"timed out after {timeout:.0f} s"}
     result = last_result_line(done.stdout)
     if done.returncode != 0 or result is None:
-        tail = (done.stdout + done.stderr).strip().splitlines()[-12:]
-        return {"error": f"exit {done.returncode}", "output_tail": tail}
+        lines = (done.stdout + done.stderr).strip().splitlines()
+        errors = [line for line in lines if "Error" in line or "error:" in line][-8:]
+        return {"error": f"exit {done.returncode}", "error_lines": errors, "output_tail": lines[-12:]}
     result.setdefault("wall_s", round(time.perf_counter() - started, 1))
     return result
 
