@@ -171,16 +171,24 @@ def check(overrides: OverridesArg = None, params: ParamsOption = None,
 
 AccelerateConfigOption = Annotated[Optional[Path], typer.Option(
     "--accelerate-config", help="Run on several processes (GPUs) with this accelerate config file: DDP, FSDP2 or "
-    "DeepSpeed; the files shipped are in configs/accelerate/. Same as `accelerate launch --config_file FILE -m cogvx ...`.",
+    "DeepSpeed; the files shipped are in configs/accelerate/. The same as the override prepare.accelerate_config=FILE "
+    "(train.accelerate_config for train), or as `accelerate launch --config_file FILE -m cogvx ...`.",
     show_default=False)]
 
 
+def with_accelerate_config(overrides: Optional[list[str]], section: str, accelerate_config: Optional[Path]) -> list[str]:
+    """--accelerate-config FILE is the override ``<section>.accelerate_config=FILE``."""
+    return [*(overrides or []), *([f"{section}.accelerate_config={accelerate_config}"] if accelerate_config else [])]
+
+
 def launched_elsewhere(accelerate_config: Optional[Path]) -> bool:
-    """With --accelerate-config, run this same command under accelerate launch and return True
-    once it is done (its exit status becomes ours); False means: run it in this process."""
-    if accelerate_config is None:
+    """With an accelerate config (option or params), run this same command under accelerate
+    launch and return True once it is done; False means: run it in this process (no config,
+    or this process is one of the launched ones)."""
+    from cogvx.distributed import launched, relaunch
+
+    if accelerate_config is None or launched():
         return False
-    from cogvx.distributed import relaunch
 
     code = relaunch(accelerate_config, sys.argv[1:])
     if code != 0:
@@ -253,8 +261,9 @@ def prepare(
     With several processes (--accelerate-config, or accelerate launch -m cogvx prepare) each
     encodes its share of the clips; the main process writes the manifest.
     """
-    config = resolve_config(params, _with_skip_invalid(overrides, skip_invalid))
-    if launched_elsewhere(accelerate_config):
+    config = resolve_config(params, with_accelerate_config(_with_skip_invalid(overrides, skip_invalid), "prepare",
+                                                          accelerate_config))
+    if launched_elsewhere(config.prepare.accelerate_config):
         return
     from cogvx.io import atomic_write_text
     from cogvx.prepare import run_prepare
@@ -282,8 +291,8 @@ def train(
     On several GPUs: --accelerate-config configs/accelerate/ddp-2gpu.yaml (or accelerate launch
     -m cogvx train); train.batch_size is per GPU.
     """
-    config = resolve_config(params, overrides)
-    if launched_elsewhere(accelerate_config):
+    config = resolve_config(params, with_accelerate_config(overrides, "train", accelerate_config))
+    if launched_elsewhere(config.train.accelerate_config):
         return
     from cogvx.training.loop import train as run_training
 

@@ -121,6 +121,7 @@ class PrepareConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to encode; auto = cuda when available.")
     vae_tiling: bool = Field(False, description="Encode in spatial tiles to save memory (slower).")
     vae_slicing: bool = Field(False, description="Encode a batch one clip at a time to save memory.")
+    accelerate_config: Path | None = Field(None, description="Encode on several processes (GPUs): an accelerate config file (e.g. configs/accelerate/ddp-2gpu.yaml) to run `cogvx prepare` under accelerate launch with; null runs it in this one process.")
 
 
 class LoraConfig(Section):
@@ -163,6 +164,7 @@ class TrainConfig(Section):
     compile: Literal["none", "blocks"] = Field("none", description="torch.compile each transformer block (regional: one block graph, compiled once, reused 30-42 times); the first step compiles (about a minute at real size), every later one is faster. Works with fp8_base_weights and gradient_checkpointing.")
     attention_backend: Literal["auto", "cudnn", "flash", "efficient", "math"] = Field("auto", description="Scaled-dot-product attention kernel: auto lets torch pick; cudnn is fastest on H100/H200; flash and efficient are the FlashAttention-2 and memory-efficient kernels; math is the slow reference.")
     activation_offload: bool = Field(False, description="Keep the checkpointed block inputs in pinned CPU memory instead of on the GPU (needs gradient_checkpointing); saves about 4 GiB at 5b 49x480x720 and 12 GiB at 1.5 81x768x1360, costs PCIe copies.")
+    accelerate_config: Path | None = Field(None, description="Train on several processes (GPUs): an accelerate config file (e.g. configs/accelerate/ddp-2gpu.yaml) to run `cogvx train` under accelerate launch with; null runs it in this one process. train.batch_size is then per process.")
     process_group_timeout_minutes: int = Field(60, ge=1, description="Several processes: how long one waits for the others (e.g. while the main process renders validation clips) before the run fails.")
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapter settings (train.method = lora).")
 

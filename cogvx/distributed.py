@@ -19,6 +19,7 @@ from cogvx.errors import ConfigError
 
 T = TypeVar("T")
 OPTION = "--accelerate-config"
+LAUNCHED_MARK = "COGVX_LAUNCHED"  # set for the processes relaunch() starts
 
 
 def rank() -> int:
@@ -33,6 +34,12 @@ def world_size() -> int:
 
 def is_main_process() -> bool:
     return rank() == 0
+
+
+def launched() -> bool:
+    """Whether a launcher started this process (cogvx's relaunch, accelerate launch, torchrun):
+    then it does the work itself instead of launching again."""
+    return os.environ.get(LAUNCHED_MARK) == "1" or "LOCAL_RANK" in os.environ or world_size() > 1
 
 
 def shard(items: Sequence[T], index: int, count: int) -> list[T]:
@@ -65,7 +72,26 @@ def relaunch(config_file: Path, argv: Sequence[str]) -> int:
     if not Path(config_file).is_file():
         raise ConfigError(f"{OPTION} {config_file}: no such file; the files shipped with cogvx are in "
                           "configs/accelerate/ (e.g. ddp-2gpu.yaml)")
-    return subprocess.run(launch_command(config_file, argv), check=False).returncode
+    env = {**os.environ, LAUNCHED_MARK: "1"}
+    return subprocess.run(launch_command(config_file, argv), check=False, env=env).returncode
+
+
+def run_launched(config, command: str, extra: Sequence[str] = ()) -> None:
+    """Run ``cogvx command`` on the processes of the command's accelerate_config, under exactly
+    ``config`` (written to a temporary params file), for callers that hold a config rather than
+    a command line (the Prefect tasks); a failure raises with what to look at."""
+    import tempfile
+
+    from cogvx.errors import CogvxError
+
+    config_file = getattr(config, command).accelerate_config
+    with tempfile.TemporaryDirectory(prefix="cogvx-launch-") as folder:
+        params = Path(folder) / "params.yaml"
+        params.write_text(config.to_yaml(), encoding="utf-8")
+        code = relaunch(config_file, [command, "--params", str(params), *extra])
+    if code != 0:
+        raise CogvxError(f"`cogvx {command}` on the processes of {config_file} failed (exit status {code}); "
+                         "their messages are in this task's output")
 
 
 class Processes:

@@ -44,9 +44,33 @@ def prepare(params: str | None, overrides: list[str]) -> dict[str, Any]:
     from cogvx.prepare import run_prepare
 
     logger = run_logger()
-    summary = run_prepare(load_config(params, overrides), log=logger.info).as_dict()
+    config = load_config(params, overrides)
+    if launches(config.prepare.accelerate_config):
+        summary = launched_prepare(config)
+    else:
+        summary = run_prepare(config, log=logger.info).as_dict()
     logger.info("prepare: %s", summary)
     return summary
+
+
+def launches(accelerate_config: Path | None) -> bool:
+    """Whether a task runs its stage under accelerate launch (prepare/train.accelerate_config)."""
+    from cogvx.distributed import launched
+
+    return accelerate_config is not None and not launched()
+
+
+def launched_prepare(config) -> dict[str, Any]:
+    """`cogvx prepare` on the processes of prepare.accelerate_config; its summary."""
+    import json
+    import tempfile
+
+    from cogvx.distributed import run_launched
+
+    with tempfile.TemporaryDirectory(prefix="cogvx-prepare-") as folder:
+        summary = Path(folder) / "summary.json"
+        run_launched(config, "prepare", ["--summary", str(summary)])
+        return json.loads(summary.read_text(encoding="utf-8"))
 
 
 @task(name="train", retries=2, retry_delay_seconds=2, retry_condition_fn=worth_retrying,
@@ -68,8 +92,11 @@ def train(params: str | None, overrides: list[str]) -> dict[str, Any]:
 
     logger = run_logger()
     config = load_config(params, overrides)
-    report = run_training(config, resume="latest", log=logger.info,
-                          on_step=lambda step, *_: fail_once("train", step))
+    if launches(config.train.accelerate_config):
+        report = launched_train(config)
+    else:
+        report = run_training(config, resume="latest", log=logger.info,
+                              on_step=lambda step, *_: fail_once("train", step))
     steps_recovered = report["resumed_from_step"]
     tracking = report.get("tracking") or {}  # the MLflow run, when tracking.enabled
     logger.info("train attempt %s: recovered %d of %d steps from a checkpoint, trained %d; "
@@ -81,6 +108,16 @@ def train(params: str | None, overrides: list[str]) -> dict[str, Any]:
             "run_id": tracking.get("run_id"),
             "registered": tracking.get("registered"),
             "report": str(Path(config.train.output_dir) / "report.json")}
+
+
+def launched_train(config) -> dict[str, Any]:
+    """`cogvx train --resume latest` on the processes of train.accelerate_config; its report."""
+    import json
+
+    from cogvx.distributed import run_launched
+
+    run_launched(config, "train", ["--resume", "latest"])
+    return json.loads((Path(config.train.output_dir) / "report.json").read_text(encoding="utf-8"))
 
 
 @task(name="render", retries=2, retry_delay_seconds=2, retry_condition_fn=worth_retrying,

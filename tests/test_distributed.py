@@ -76,8 +76,8 @@ def test_distributed_prepare_writes_the_files_one_process_writes(data):
     assert len(one) == 4 + 5 and one == two  # 4 clips, 4 captions + the empty one
     manifest = lambda name: json.loads((root / name / "manifest.json").read_text())["entries"]  # noqa: E731
     assert manifest("one") == manifest("two")
-    # A re-run on two processes finds everything done and encodes nothing.
-    again = cogvx("prepare", "--accelerate-config", str(DDP_2), *common(data, root / "two"), cwd=root)
+    # A re-run on two processes (asked for in the config this time) finds everything done.
+    again = cogvx("prepare", f"prepare.accelerate_config={DDP_2}", *common(data, root / "two"), cwd=root)
     assert '"videos_encoded": 0' in again.stdout and '"skipped": 4' in again.stdout
 
 
@@ -110,11 +110,28 @@ def test_two_process_ddp_equals_one_process_with_the_same_global_batch_and_resum
     for later in list_checkpoints(root / "resumed" / "checkpoints")[1:]:
         shutil.rmtree(later)
     shutil.rmtree(root / "resumed" / "lora")
-    cogvx("train", "--accelerate-config", str(DDP_2), *settings, f"train.output_dir={root / 'resumed'}",
+    cogvx("train", f"train.accelerate_config={DDP_2}", *settings, f"train.output_dir={root / 'resumed'}",
           "--resume", "latest", cwd=root)
     resumed = lora(root / "resumed")
     assert json.loads((root / "resumed" / "report.json").read_text())["resumed_from_step"] == 2
     assert all(torch.equal(resumed[k], ddp[k]) for k in ddp)
+
+
+def test_prefect_tasks_run_their_stage_on_the_processes_the_config_asks_for(data, tmp_path, monkeypatch):
+    """The flow's prepare and train tasks, with prepare/train.accelerate_config set, launch
+    2 processes and return what the one-process tasks return."""
+    from tasks.training import prepare, train
+
+    monkeypatch.setenv("PYTHONPATH", child_env()["PYTHONPATH"])
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    overrides = [*common(data, tmp_path / "latents"), f"prepare.accelerate_config={DDP_2}",
+                 f"train.accelerate_config={DDP_2}", f"train.output_dir={tmp_path / 'run'}", "train.max_steps=2"]
+    summary = prepare.fn(None, overrides)
+    assert summary["processes"] == 2 and summary["videos_encoded"] == 4
+    trained = train.fn(None, overrides)
+    report = json.loads(Path(trained["report"]).read_text())
+    assert trained["steps"] == 2 and report["processes"] == 2 and trained["recovered_steps"] == 0
+    assert (Path(trained["weights"]) / "pytorch_lora_weights.safetensors").is_file()
 
 
 def test_each_process_gets_equal_rows_of_every_global_batch():

@@ -334,16 +334,20 @@ def setup(config: Config, transformer=None, dataset=None) -> Run:
 
 
 # Settings that change neither the weights a step produces nor the data order.
-NEUTRAL_TRAIN_KEYS = ("output_dir", "checkpointing_steps", "checkpoints_total_limit")
+NEUTRAL_TRAIN_KEYS = ("output_dir", "checkpointing_steps", "checkpoints_total_limit", "accelerate_config",
+                      "process_group_timeout_minutes")
 
 
 def fingerprint(config: Config, manifest: dict[str, Any]) -> str:
-    """A hash of everything that shapes the trained weights: model, training settings, data."""
+    """A hash of everything that shapes the trained weights: model, training settings, data, and
+    the number of processes (it sets the global batch; left out for one, as before it counted)."""
+    from cogvx.distributed import world_size
     from cogvx.prepare import content_key
 
     train = config.train.model_dump(mode="json", exclude=set(NEUTRAL_TRAIN_KEYS))
+    processes = {"processes": world_size()} if world_size() > 1 else {}
     return content_key(model=config.model.model_dump(mode="json"), train=train,
-                       entries=manifest["entries"], model_record=manifest["model"])
+                       entries=manifest["entries"], model_record=manifest["model"], **processes)
 
 
 def restore(run: Run, checkpoint: Path) -> None:
@@ -532,6 +536,8 @@ def train(config: Config, resume: str | None = None, log=print, on_step=None) ->
     if main and report["tracking"]["complete"] and report["tracking"]["run_id"] and config.train.method == "lora":
         report["tracking"]["registered"] = register_lora(Path(report["weights"]), config,
                                                          report["tracking"]["run_id"])
+    if main and report["tracking"].get("run_id"):  # what a launcher's caller reads back (Prefect)
+        atomic_write_text(Path(config.train.output_dir) / "report.json", json.dumps(report, indent=1) + "\n")
     return report
 
 
