@@ -189,8 +189,11 @@ def launched_elsewhere(accelerate_config: Optional[Path]) -> bool:
 
     if accelerate_config is None or launched():
         return False
-
     code = relaunch(accelerate_config, sys.argv[1:])
+    if code == 130:
+        err.print("interrupted: every process stopped; a training run saved a checkpoint first "
+                  "(continue with --resume latest)")
+        raise typer.Exit(130)
     if code != 0:
         raise CogvxError(f"the processes launched with {accelerate_config} failed (exit status {code}); "
                          "their messages are above")

@@ -10,6 +10,7 @@ launchers set, so they are known before any model or process group exists.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -68,12 +69,31 @@ def launch_command(config_file: Path, argv: Sequence[str]) -> list[str]:
 
 
 def relaunch(config_file: Path, argv: Sequence[str]) -> int:
-    """Run ``cogvx argv`` under accelerate launch with ``config_file``; return its exit code."""
+    """Run ``cogvx argv`` under accelerate launch with ``config_file``; return its exit code.
+
+    SIGTERM sent to this process goes on to the launcher (which passes it to every process: they
+    checkpoint at the same step and stop); SIGINT from a terminal reaches them all directly, so
+    this process only waits. Either way the exit code is 130 when the run was stopped so.
+    """
     if not Path(config_file).is_file():
         raise ConfigError(f"{OPTION} {config_file}: no such file; the files shipped with cogvx are in "
                           "configs/accelerate/ (e.g. ddp-2gpu.yaml)")
     env = {**os.environ, LAUNCHED_MARK: "1"}
-    return subprocess.run(launch_command(config_file, argv), check=False, env=env).returncode
+    process = subprocess.Popen(launch_command(config_file, argv), env=env)
+    stopped: list[int] = []
+
+    def forward(signum, _frame) -> None:
+        stopped.append(signum)
+        if signum == signal.SIGTERM:
+            process.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = process.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 130 if stopped and code != 0 else code
 
 
 def run_launched(config, command: str, extra: Sequence[str] = ()) -> None:

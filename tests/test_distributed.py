@@ -134,6 +134,31 @@ def test_prefect_tasks_run_their_stage_on_the_processes_the_config_asks_for(data
     assert (Path(trained["weights"]) / "pytorch_lora_weights.safetensors").is_file()
 
 
+def test_sigterm_stops_every_process_at_one_step_with_a_checkpoint(data, tmp_path):
+    """SIGTERM to `cogvx train --accelerate-config` (as a job manager sends it) reaches both
+    processes; they agree on the step, save one checkpoint there, and the command exits 130."""
+    import re
+    import signal
+    import time
+
+    root = data["root"]
+    latents = root / "one"
+    if not (latents / "manifest.json").is_file():
+        cogvx("prepare", *common(data, latents), cwd=root)
+    settings = [*common(data, latents), "train.max_steps=100000", "train.checkpointing_steps=100000"]
+    process = subprocess.Popen([sys.executable, "-m", "cogvx", "train", "--accelerate-config", str(DDP_2), *settings,
+                                f"train.output_dir={tmp_path / 'run'}"], cwd=root, env=child_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(25)  # start-up of both processes, then some steps
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-3000:]
+    steps = {int(s) for s in re.findall(r"interrupted at step (\d+)", stderr)}
+    assert len(re.findall(r"interrupted at step", stderr)) == 2 and len(steps) == 1, stderr[-3000:]
+    (step,) = steps
+    assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == [f"checkpoint-{step:06d}"]
+
+
 def test_each_process_gets_equal_rows_of_every_global_batch():
     assert rows_of_process([7, 3, 5, 1], 0, 2) == (0, [7, 3])
     assert rows_of_process([7, 3, 5, 1], 1, 2) == (2, [5, 1])
