@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -31,6 +30,8 @@ from typing import Any, Iterator
 
 import pytest
 import yaml
+
+from tests.test_stack import stop
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = "tiny-t2v"
@@ -59,17 +60,6 @@ def _wait_until(check, timeout: float, what: str, proc: subprocess.Popen | None 
         time.sleep(0.5)
     tail = log.read_text(errors="replace")[-3000:] if log else ""
     pytest.fail(f"{what}: not within {timeout:.0f} s\n{tail}")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """Stop a process started here, and its children (it leads its own process group), by PID."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +115,7 @@ def prefect_env(workspace: Path) -> Iterator[dict[str, str]]:
                 yield env
                 _drain_prefect_workers()
     finally:
-        _stop(server)
+        stop(server)
 
 
 def _drain_prefect_workers() -> None:
@@ -278,7 +268,7 @@ def test_served_deployment_runs(workspace: Path, first_run: tuple[Any, dict[str,
         report = json.loads((workspace / "train" / "report.json").read_text())
         assert (report["resumed_from_step"], report["steps"]) == (3, 3)
     finally:
-        _stop(serving)
+        stop(serving)
 
 
 def test_prefect_yaml_deploys_the_flow(monkeypatch: pytest.MonkeyPatch) -> None:
