@@ -21,7 +21,7 @@ from rich.table import Table
 from cogvx import __version__
 from cogvx.config import Config, load_config, schema_rows
 from cogvx.errors import CogvxError
-from cogvx.registry import REGISTRY, TINY_VARIANTS, get_spec
+from cogvx.registry import REGISTRY, TINY_VARIANTS
 
 app = typer.Typer(
     name="cogvx",
@@ -185,9 +185,9 @@ def launched_elsewhere(accelerate_config: Optional[Path]) -> bool:
     """With an accelerate config (option or params), run this same command under accelerate
     launch and return True once it is done; False means: run it in this process (no config,
     or this process is one of the launched ones)."""
-    from cogvx.distributed import launched, relaunch
+    from cogvx.distributed import relaunch, should_launch
 
-    if accelerate_config is None or launched():
+    if not should_launch(accelerate_config):
         return False
     code = relaunch(accelerate_config, sys.argv[1:])
     if code == 130:
@@ -268,10 +268,9 @@ def prepare(
                                                           accelerate_config))
     if launched_elsewhere(config.prepare.accelerate_config):
         return
+    from cogvx.distributed import is_main_process
     from cogvx.io import atomic_write_text
     from cogvx.prepare import run_prepare
-
-    from cogvx.distributed import is_main_process
 
     result = run_prepare(config, prune=prune, log=out.print)
     if not is_main_process():
@@ -297,11 +296,10 @@ def train(
     config = resolve_config(params, with_accelerate_config(overrides, "train", accelerate_config))
     if launched_elsewhere(config.train.accelerate_config):
         return
+    from cogvx.distributed import is_main_process
     from cogvx.training.loop import train as run_training
 
     report = run_training(config, resume=resume, log=out.print)
-    from cogvx.distributed import is_main_process
-
     if is_main_process():
         summary = {key: report[key] for key in ("steps", "final_loss", "method", "weights", "processes", "timing", "memory")}
         out.print_json(json.dumps(summary))
@@ -445,7 +443,6 @@ def bench_case(
     """Measure one case in this process and print its RESULT line (used by `bench run`)."""
     from cogvx.benchmark.cases import select
     from cogvx.benchmark.worker import run_case
-
     from cogvx.distributed import is_main_process
 
     result = run_case(select(suite, [name])[0], workdir, clips)

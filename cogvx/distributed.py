@@ -43,6 +43,12 @@ def launched() -> bool:
     return os.environ.get(LAUNCHED_MARK) == "1" or "LOCAL_RANK" in os.environ or world_size() > 1
 
 
+def should_launch(accelerate_config: Path | None) -> bool:
+    """Whether a command asked to run on an accelerate config must launch the processes: it
+    has a config and is not itself one of the launched processes."""
+    return accelerate_config is not None and not launched()
+
+
 def shard(items: Sequence[T], index: int, count: int) -> list[T]:
     """Process ``index``'s share of ``items`` out of ``count`` processes: every count-th item,
     so shares differ in size by at most one and each item goes to exactly one process."""

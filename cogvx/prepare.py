@@ -344,7 +344,7 @@ def run_prepare(config: Config, prune: bool = False, log=print) -> PrepareSummar
             log(f"pruned {prune_unreferenced(out, plans)} unreferenced latent files")
     processes.wait()
     return summarize(shares, len(plans), len(todo_videos), len(report.samples) - len(samples),
-                     time.perf_counter() - started, device)
+                     time.perf_counter() - started)
 
 
 def encode_share(config: Config, folder: Path, videos: list[Plan], texts: dict[str, str], infos, out: Path,
@@ -389,8 +389,7 @@ def check_complete(out: Path, plans: list[Plan], names: tuple[str, ...]) -> None
                            "a process failed: run `cogvx prepare` again, it encodes only what is missing")
 
 
-def summarize(shares: list[dict[str, Any]], samples: int, todo: int, dropped: int, seconds: float,
-              device: torch.device) -> PrepareSummary:
+def summarize(shares: list[dict[str, Any]], samples: int, todo: int, dropped: int, seconds: float) -> PrepareSummary:
     """One summary over every process's share: counts added, time of the slowest, peak of any."""
     videos = sum(share["videos"] for share in shares)
     encode_seconds = max(share["encode_seconds"] for share in shares)

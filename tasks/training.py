@@ -24,6 +24,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from cogvx.config import load_config
+from cogvx.distributed import should_launch
 from tasks.common import fail_once, run_logger, worth_retrying
 from tasks.forking import install as install_fork_fix
 
@@ -45,19 +46,12 @@ def prepare(params: str | None, overrides: list[str]) -> dict[str, Any]:
 
     logger = run_logger()
     config = load_config(params, overrides)
-    if launches(config.prepare.accelerate_config):
+    if should_launch(config.prepare.accelerate_config):
         summary = launched_prepare(config)
     else:
         summary = run_prepare(config, log=logger.info).as_dict()
     logger.info("prepare: %s", summary)
     return summary
-
-
-def launches(accelerate_config: Path | None) -> bool:
-    """Whether a task runs its stage under accelerate launch (prepare/train.accelerate_config)."""
-    from cogvx.distributed import launched
-
-    return accelerate_config is not None and not launched()
 
 
 def launched_prepare(config) -> dict[str, Any]:
@@ -92,7 +86,7 @@ def train(params: str | None, overrides: list[str]) -> dict[str, Any]:
 
     logger = run_logger()
     config = load_config(params, overrides)
-    if launches(config.train.accelerate_config):
+    if should_launch(config.train.accelerate_config):
         report = launched_train(config)
     else:
         report = run_training(config, resume="latest", log=logger.info,

@@ -118,10 +118,15 @@ def save_checkpoint(root: Path, step: int, trainable: dict[str, torch.Tensor], o
         previous = f"the previous checkpoint {kept[-1]} is intact" if kept else "no earlier checkpoint exists"
         raise CogvxError(f"could not write checkpoint {target} ({err}); {previous}. Free disk space "
                          "(or raise the quota), then continue with --resume latest") from None
+    prune_checkpoints(root, limit)
+    return target
+
+
+def prune_checkpoints(root: Path, limit: int | None) -> None:
+    """Keep only the newest ``limit`` complete checkpoints (all of them when None)."""
     if limit is not None:
         for old in list_checkpoints(root)[:-limit]:
             shutil.rmtree(old)
-    return target
 
 
 def _jsonable(value: Any) -> Any:

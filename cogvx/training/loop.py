@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import math
 import signal
-import statistics
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -236,6 +235,22 @@ def check_learned_positions(transformer, buckets) -> None:
                          "train.ignore_learned_positional_embeddings=true to train at other sizes")
 
 
+def main_process_then_meet(run: Run, work, everyone: bool = False):
+    """Run ``work()`` on the main process (on every process when ``everyone``), then let all
+    processes meet; its error is raised after the meeting, so no process is left waiting for one
+    that failed. Returns what ``work`` returned (None where it did not run)."""
+    result, failure = None, None
+    if run.is_main or everyone:
+        try:
+            result = work()
+        except Exception as err:  # re-raised once the other processes are released
+            failure = err
+    run.accelerator.wait_for_everyone()
+    if failure is not None:
+        raise failure
+    return result
+
+
 def save_final(run: Run, out: Path, info: dict[str, Any]) -> Path:
     """LoRA file (method lora) or a diffusers transformer folder in safetensors shards (full),
     written by the main process (with the weights gathered from every process where sharded)."""
@@ -246,14 +261,16 @@ def save_final(run: Run, out: Path, info: dict[str, Any]) -> Path:
     target = out / ("lora" if lora else "full")
     # Collective under FSDP / DeepSpeed: every process must call it.
     state = run.accelerator.get_state_dict(run.transformer) if run.accelerator.distributed_type in SHARDED_TYPES else None
-    if run.is_main:
+
+    def write() -> None:
         if lora:
             save_lora(run.model, target, info, state_dict=state)
-        else:
-            with atomic_directory(target) as staging:
-                save_transformer(run.model, staging, state)
-                (staging / "cogvx-training.json").write_text(json.dumps(info, indent=1, default=str), encoding="utf-8")
-    run.accelerator.wait_for_everyone()
+            return
+        with atomic_directory(target) as staging:
+            save_transformer(run.model, staging, state)
+            (staging / "cogvx-training.json").write_text(json.dumps(info, indent=1, default=str), encoding="utf-8")
+
+    main_process_then_meet(run, write)
     return target
 
 
@@ -301,7 +318,6 @@ def setup(config: Config, transformer=None, dataset=None) -> Run:
     ``transformer`` and ``dataset`` replace the ones loaded from model.path and
     prepare.output_dir (the benchmarks pass real-size random-weight models and latents).
     """
-    from accelerate import Accelerator
     from diffusers import CogVideoXDDIMScheduler
     from diffusers.optimization import get_scheduler
 
@@ -378,18 +394,9 @@ def checkpoint(run: Run) -> Path:
     if run.accelerator.distributed_type in SHARDED_TYPES:
         return save_sharded_checkpoint(run.accelerator, run.checkpoints, run.state.step, run.lr_scheduler,
                                        progress, limit)
-    path = checkpoint_dir(run.checkpoints, run.state.step)
-    failure = None
-    if run.is_main:
-        try:
-            save_checkpoint(run.checkpoints, run.state.step, trainable_state(run.model), run.optimizer,
-                            run.lr_scheduler, progress, limit=limit)
-        except CogvxError as err:  # raised after the others are released, not while they wait
-            failure = err
-    run.accelerator.wait_for_everyone()
-    if failure is not None:
-        raise failure
-    return path
+    main_process_then_meet(run, lambda: save_checkpoint(run.checkpoints, run.state.step, trainable_state(run.model),
+                                                       run.optimizer, run.lr_scheduler, progress, limit=limit))
+    return checkpoint_dir(run.checkpoints, run.state.step)
 
 
 def micro_step(run: Run, position: int, first_row: int, batch: dict[str, Any], scaling: float) -> float:
@@ -447,21 +454,12 @@ def validate(run: Run, meter: MemoryMeter) -> list[Path]:
     from cogvx.training.validation import render_validation
 
     meter.start("validation")
-    written: list[Path] = []
-    failure = None
-    if run.is_main or run.params_sharded:
-        writer = None if run.is_main else (lambda frames, path, fps: path)
-        try:
-            written = render_validation(run.config, run.folder, run.model, run.state.step,
-                                        Path(run.config.train.output_dir), run.accelerator.device, run.dtype,
-                                        writer=writer)
-        except Exception as err:  # re-raised once the other processes are released
-            failure = err
-    run.accelerator.wait_for_everyone()
+    writer = None if run.is_main else (lambda frames, path, fps: path)
+    written = main_process_then_meet(run, lambda: render_validation(
+        run.config, run.folder, run.model, run.state.step, Path(run.config.train.output_dir), run.accelerator.device,
+        run.dtype, writer=writer), everyone=run.params_sharded)
     meter.stop("validation")
-    if failure is not None:
-        raise failure
-    return written
+    return written or []
 
 
 def training_loop(run: Run, meter: MemoryMeter, on_step=None) -> None:
@@ -574,10 +572,12 @@ def _train(config: Config, resume: str | None = None, log=print, on_step=None) -
               "global_batch": global_batch, "replica_digests": digests,
               "memory": meter.report(), "timing": step_timing(run.state.seconds, global_batch),
               "losses": run.state.losses}
-    if run.is_main:
+
+    def write() -> None:
         atomic_write_text(out / "report.json", json.dumps(report, indent=1) + "\n")
         write_metrics(report, out)
-    run.accelerator.wait_for_everyone()
+
+    main_process_then_meet(run, write)
     return report
 
 

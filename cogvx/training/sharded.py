@@ -25,7 +25,7 @@ from accelerate.utils import DistributedType
 
 from cogvx.config import Config
 from cogvx.errors import CogvxError
-from cogvx.training.checkpoint import STATE_FILE, checkpoint_dir, list_checkpoints
+from cogvx.training.checkpoint import STATE_FILE, checkpoint_dir, prune_checkpoints
 
 SHARDED_TYPES = (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
@@ -116,9 +116,7 @@ def save_sharded_checkpoint(accelerator, root: Path, step: int, lr_scheduler, pr
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)
-        if limit is not None:
-            for old in list_checkpoints(root)[:-limit]:
-                shutil.rmtree(old)
+        prune_checkpoints(root, limit)
     accelerator.wait_for_everyone()
     return target
 
