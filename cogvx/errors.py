@@ -22,3 +22,7 @@ class ModelNotAvailableError(CogvxError):
     """Model weights cannot be found locally nor downloaded."""
 
     exit_code = 3
+
+
+class CogvxWarning(UserWarning):
+    """Something the user should know that does not stop the work (the CLI prints it as one line)."""

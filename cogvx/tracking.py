@@ -31,7 +31,8 @@ from typing import Any, Iterator
 from urllib.parse import urlparse
 
 from cogvx import __version__
-from cogvx.errors import CogvxError
+from cogvx.errors import CogvxError, CogvxWarning
+from cogvx.io import atomic_write_text
 
 PENDING_FILE = "mlflow-pending.jsonl"
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -51,7 +52,7 @@ class TrackingUnavailable(CogvxError):
     exit_code = 5
 
 
-class TrackingWarning(UserWarning):
+class TrackingWarning(CogvxWarning):
     """Logging to MLflow failed during a run; the run goes on and nothing is lost."""
 
 
@@ -68,8 +69,10 @@ def check_tracking(uri: str, timeout_s: float = 10.0) -> None:
     """Fail at once, with what to do, when the tracking store at ``uri`` cannot be used.
 
     http(s): the server must answer ``/health`` within ``timeout_s``. sqlite: the database's
-    folder must be (made) writable. A plain folder or file: URI is MLflow's retired file store.
-    Other schemes (postgresql, databricks, ...) are left to the MLflow client.
+    folder must be (made) writable. A folder or file: URI is MLflow's file store, which MLflow 3
+    keeps in maintenance mode behind MLFLOW_ALLOW_FILE_STORE: naming one in the config is taken
+    as that opt-in, and its folder must be writable. Other schemes (postgresql, databricks, ...)
+    are left to the MLflow client.
     """
     bound_client_retries()
     scheme = urlparse(uri).scheme.lower()
@@ -79,11 +82,8 @@ def check_tracking(uri: str, timeout_s: float = 10.0) -> None:
         path = _sqlite_path(uri)
         if path is not None:
             _check_writable(path.parent, uri)
-    elif scheme in ("", "file") and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() not in ("1", "true"):
-        raise TrackingUnavailable(
-            f"tracking.tracking_uri = {uri!r} is MLflow's file store, which MLflow 3 refuses; use a "
-            "database, e.g. tracking.tracking_uri=sqlite:///mlflow.db, or a server URL")
     elif scheme in ("", "file"):
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         _check_writable(Path(urlparse(uri).path if scheme else uri), uri)
 
 
@@ -133,10 +133,29 @@ def _check_writable(folder: Path, uri: str) -> None:
 
 
 def _client(uri: str):
-    """An MLflow client bound to ``uri`` for tracking and registry (no global MLflow state)."""
+    """An MLflow client bound to ``uri`` for tracking and registry.
+
+    MLflow resolves some URIs through its process-wide tracking and registry URIs whatever the
+    client was given (a model version's ``models:/<id>`` source, artifact downloads): left at the
+    default they would look in, and create, ./mlflow.db and ./mlruns. So the process-wide URIs
+    are pointed at ``uri`` too; cogvx talks to one store per process.
+    """
+    import mlflow
     from mlflow import MlflowClient
 
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def artifact_location(uri: str) -> str | None:
+    """Where a new experiment of a SQLite store keeps its artifacts: ``mlruns`` beside the database
+    file (MLflow's own default is ./mlruns in whatever folder the process runs in). None for
+    stores that choose themselves (a server, a file store, other databases)."""
+    if urlparse(uri).scheme.lower() != "sqlite":
+        return None
+    path = _sqlite_path(uri)
+    return None if path is None else (path.parent.resolve() / "mlruns").as_uri()
 
 
 # MLflow error codes of a store that failed (connection, database), not of a refused request.
@@ -174,11 +193,12 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0][:300]
 
 
-def experiment_id(client, name: str) -> str:
-    """The id of experiment ``name``, created when missing (a deleted one is restored)."""
+def experiment_id(client, name: str, uri: str) -> str:
+    """The id of experiment ``name`` on the store at ``uri``, created when missing (a deleted one is
+    restored)."""
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
-        return client.create_experiment(name)
+        return client.create_experiment(name, artifact_location=artifact_location(uri))
     if experiment.lifecycle_stage == "deleted":
         client.restore_experiment(experiment.experiment_id)
     return experiment.experiment_id
@@ -265,11 +285,13 @@ class RunTracker:
         self.pending_path = Path(config.train.output_dir) / PENDING_FILE
         with mlflow_errors("starting an MLflow run", self.uri):
             self.client = _client(self.uri)
-            self.experiment_id = experiment_id(self.client, config.tracking.experiment)
+            self.experiment_id = experiment_id(self.client, config.tracking.experiment, self.uri)
             run = self.client.create_run(self.experiment_id, run_name=Path(config.train.output_dir).name or None,
                                          tags=run_tags(config, self.source_dir))
             self.run_id = run.info.run_id
             self._log_params(flatten_params(config.to_dict()))
+            if config.train.method == "lora":  # the registry must take the LoRA at the end: try it now
+                _ensure_registered_model(self.client, config.tracking.registered_model)
         return self
 
     def _log_params(self, params: dict[str, str]) -> None:
@@ -343,7 +365,7 @@ class RunTracker:
             if len(keep) == len(lines):
                 return
             if keep:
-                self.pending_path.write_text("\n".join(keep) + "\n", encoding="utf-8")
+                atomic_write_text(self.pending_path, "\n".join(keep) + "\n")
             else:
                 self.pending_path.unlink()
         except OSError as err:
@@ -359,16 +381,33 @@ class RunTracker:
                           f"are kept and written to {self.pending_path}", TrackingWarning, stacklevel=3)
 
     def finish(self, report: dict[str, Any], output_dir: Path) -> dict[str, Any]:
-        """Log the summary metrics and artifacts, end the run FINISHED; says whether all got through."""
+        """Log the summary metrics and artifacts, end the run FINISHED; says whether all got through.
+
+        When something did not get through, the pending file also records how the run ended, so
+        that ``cogvx tracking replay`` can finish it once the store is back."""
         output_dir = Path(output_dir)
         self._enqueue(summary_metrics(report), int(report.get("steps") or 0))
         complete = self.flush(force=True) and self._log_artifacts(report, output_dir) and self._end("FINISHED")
         if not complete:
+            self._record_end("FINISHED", None, output_dir)
             warnings.warn(f"MLflow run {self.run_id} on {self.uri} is incomplete ({len(self.problems)} "
                           f"problem(s), last: {self.problems[-1]}); the outputs are in {output_dir}, unsent "
-                          f"metrics in {self.pending_path}", TrackingWarning, stacklevel=2)
+                          f"metrics in {self.pending_path}; once the store is back, "
+                          f"`cogvx tracking replay` sends them and ends the run", TrackingWarning, stacklevel=2)
         return {"run_id": self.run_id, "experiment_id": self.experiment_id, "complete": complete,
                 "problems": list(self.problems)}
+
+    def _record_end(self, status: str, message: str | None, output_dir: Path | None) -> None:
+        """Append to the pending file how this run ended (read by :func:`replay_pending`)."""
+        if self.pending_path is None:
+            return
+        end = {"status": status, "message": message, "output_dir": str(output_dir) if output_dir else None}
+        try:
+            self.pending_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.pending_path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps({"run_id": self.run_id, "end": end}) + "\n")
+        except OSError as err:
+            self._problem(f"writing {self.pending_path} failed", err)
 
     def _log_artifacts(self, report: dict[str, Any], output_dir: Path) -> bool:
         """Validation clips of every step under validation/, the LoRA under lora/, report.json and the config."""
@@ -399,11 +438,23 @@ class RunTracker:
         return True
 
     def fail(self, message: str, status: str = "FAILED") -> None:
-        """End the run FAILED (or KILLED) with the error as a tag; never raises over the real error."""
+        """End the run FAILED (or KILLED) with the error as a tag; never raises over the real error.
+        When the store cannot be reached the ending is kept in the pending file for replay."""
         if self.run_id is None:
             return
-        if self.flush(force=True):
-            self._end(status, message)
+        if not (self.flush(force=True) and self._end(status, message)):
+            self._record_end(status, message, None)
+
+    @classmethod
+    def attach(cls, uri: str, run_id: str, pending_path: Path) -> RunTracker:
+        """A tracker for an existing run (to replay what its training could not send)."""
+        tracker = cls()
+        tracker.uri, tracker.run_id, tracker.pending_path = uri, run_id, Path(pending_path)
+        check_tracking(uri)
+        with mlflow_errors(f"opening MLflow run {run_id}", uri):
+            tracker.client = _client(uri)
+            tracker.experiment_id = tracker.client.get_run(run_id).info.experiment_id
+        return tracker
 
 
 def _line_run_id(line: str) -> str | None:
@@ -481,7 +532,7 @@ def register_lora(lora_dir: Path, config, run_id: str | None = None) -> dict[str
     check_tracking(uri)
     client = _client(uri)
     with mlflow_errors(f"registering {lora_dir} as {name!r}", uri):
-        model = client.create_logged_model(experiment_id(client, config.tracking.experiment), name=name,
+        model = client.create_logged_model(experiment_id(client, config.tracking.experiment, uri), name=name,
                                            source_run_id=run_id, tags=tags, model_type="lora")
         try:
             client.log_model_artifacts(model.model_id, str(lora_dir))
@@ -502,7 +553,7 @@ def version_tags(meta: dict[str, Any], config) -> dict[str, str]:
     return {"base_model": str(record.get("base_model") or config.model_source),
             "variant": str(record.get("variant") or config.spec.key),
             "rank": str(meta.get("rank") or lora.rank), "alpha": f"{float(alpha):g}",
-            "target_modules": ",".join(meta.get("target_modules") or []), "cogvx_version": __version__}
+            "target_modules": ",".join(sorted(meta.get("target_modules") or [])), "cogvx_version": __version__}
 
 
 def _ensure_registered_model(client, name: str) -> None:
@@ -632,3 +683,74 @@ def resolve_lora(uri_or_path: str, tracking_uri: str, dest: Path) -> Path:
         raise CogvxError(f"{text} (version {version.version}) holds no {LORA_WEIGHT_NAME}; was it registered "
                          f"by `cogvx`? (downloaded to {local})")
     return found[0].parent
+
+
+# ----------------------------------------------------------------------------- replay
+
+
+def read_pending(path: Path) -> dict[str, dict[str, Any]]:
+    """The pending file's lines by run: {"metrics": [line, ...], "end": {...} or None}. Lines torn
+    by a crash are left out (they cannot be sent)."""
+    runs: dict[str, dict[str, Any]] = {}
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(record, dict) or not record.get("run_id"):
+            continue
+        run = runs.setdefault(record["run_id"], {"metrics": [], "end": None})
+        if "end" in record:
+            run["end"] = record["end"]
+        elif "key" in record:
+            run["metrics"].append(record)
+    return runs
+
+
+def replay_pending(config, log=print) -> list[dict[str, Any]]:
+    """Send what training runs in train.output_dir could not send to the store (metrics, the
+    artifacts, the run's end), end each run with its true status and register a finished LoRA.
+
+    A run whose process died without recording an end (SIGKILL, power loss) is ended KILLED. The
+    caller makes sure no training is writing to the folder. Sent runs leave the pending file;
+    a store that fails again leaves it as it was (run the command again later).
+    """
+    from mlflow.entities import Metric
+
+    out = Path(config.train.output_dir)
+    pending = out / PENDING_FILE
+    if not pending.is_file():
+        raise CogvxError(f"nothing to replay: {pending} does not exist (every run in {out} reached MLflow)")
+    uri = config.tracking.tracking_uri
+    done = []
+    for run_id, run in read_pending(pending).items():
+        tracker = RunTracker.attach(uri, run_id, pending)
+        tracker._queue = [Metric(m["key"], float(m["value"]), int(m["timestamp"]), int(m["step"]))
+                          for m in run["metrics"]]
+        tracker._spilled = len(tracker._queue)
+        done.append(_replay_run(tracker, run["end"], config, out))
+        log(f"run {run_id}: {len(run['metrics'])} metric values sent, ended {done[-1]['status']}"
+            + (f", registered as version {done[-1]['registered']['version']}" if done[-1].get("registered") else ""))
+    return done
+
+
+def _replay_run(tracker: RunTracker, end: dict[str, Any] | None, config, out: Path) -> dict[str, Any]:
+    """Send one run's metrics, artifacts (a finished run's) and end; raise when the store fails."""
+    status = end["status"] if end else "KILLED"
+    message = end.get("message") if end else "the training process ended without reporting (killed?)"
+    report_file = out / "report.json"
+    report = json.loads(report_file.read_text(encoding="utf-8")) if report_file.is_file() else {}
+    sent = tracker.flush(force=True)
+    if sent and status == "FINISHED":
+        sent = tracker._log_artifacts(report, out)
+    if sent:
+        sent = tracker._end(status, message if status != "FINISHED" else None)
+    if not sent:
+        raise TrackingUnavailable(f"replaying run {tracker.run_id} on {tracker.uri} failed "
+                                  f"({tracker.problems[-1]}); the pending file is kept, try again later")
+    tracker._forget_spilled()
+    result = {"run_id": tracker.run_id, "status": status}
+    weights = report.get("weights")
+    if status == "FINISHED" and report.get("method") == "lora" and weights and Path(weights).is_dir():
+        result["registered"] = register_lora(Path(weights), config, tracker.run_id)
+    return result

@@ -25,7 +25,7 @@ from cogvx.config import load_config
 from cogvx.errors import CogvxError
 from cogvx.tracking import (CLIENT_ENV, PENDING_FILE, NullTracker, RunTracker, TrackingUnavailable,
                             TrackingWarning, check_tracking, list_registered, promote, register_lora,
-                            resolve_lora, tracker_for)
+                            replay_pending, resolve_lora, tracker_for)
 
 REGISTERED = "cogvx-lora-test"
 
@@ -36,15 +36,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def spawn_server(root: Path, backend_uri: str | None = None) -> tuple[subprocess.Popen, str]:
-    """Start `mlflow server` on a free port with a SQLite (or the given) store and served artifacts (no wait)."""
+def spawn_server(root: Path, backend_uri: str | None = None, port: int | None = None) -> tuple[subprocess.Popen, str]:
+    """Start `mlflow server` on ``port`` (default: a free one) with a SQLite (or the given) store and
+    served artifacts (no wait)."""
     root.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
     args = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
             "--backend-store-uri", backend_uri or f"sqlite:///{root / 'mlflow.db'}", "--serve-artifacts",
             "--artifacts-destination", str(root / "artifacts")]
-    log = open(root / "server.log", "wb")
+    log = open(root / "server.log", "ab")
     process = subprocess.Popen(args, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     log.close()
     return process, f"http://127.0.0.1:{port}"
@@ -177,8 +178,10 @@ def test_unusable_local_stores_are_refused(tmp_path):
     (tmp_path / "a-file").write_text("x")
     with pytest.raises(TrackingUnavailable, match="cannot create"):
         check_tracking(f"sqlite:///{tmp_path / 'a-file' / 'mlflow.db'}")
-    with pytest.raises(TrackingUnavailable, match="file store"):
-        check_tracking(str(tmp_path / "mlruns"))
+    (tmp_path / "read-only").mkdir(mode=0o500)
+    if os.geteuid() != 0:  # root writes anywhere
+        with pytest.raises(TrackingUnavailable, match="not writable"):
+            check_tracking((tmp_path / "read-only").as_uri())
     check_tracking(f"sqlite:///{tmp_path / 'new' / 'mlflow.db'}")
     assert (tmp_path / "new").is_dir()
 
@@ -386,3 +389,70 @@ def test_train_tracks_and_registers_through_the_server(trained, server, tmp_path
     assert [m.step for m in history] == [1, 2]
     assert client.get_run(tracking["run_id"]).info.status == "FINISHED"
     assert client.get_model_version("cogvx-wired", tracking["registered"]["version"]).tags["rank"] == "8"
+
+
+# ----------------------------------------------------------------------------- any store
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["sqlite-elsewhere", "sqlite-relative", "file-store"])
+def test_training_registers_and_downloads_on_the_configured_store_only(kind, trained, tmp_path, monkeypatch):
+    """Train, register, alias and fetch by models:/ on a store other than ./mlflow.db; the working
+    folder gets nothing the config did not name."""
+    from cogvx.training.loop import train
+
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    uri = {"sqlite-elsewhere": f"sqlite:///{tmp_path / 'stores' / 'tracking.db'}",
+           "sqlite-relative": "sqlite:///stores/tracking.db",
+           "file-store": (tmp_path / "file-store").as_uri()}[kind]
+    config = config_for(trained, tmp_path / "run", f"tracking.tracking_uri={uri}")
+    report = train(config, log=lambda *_: None)
+    assert report["tracking"]["complete"], report["tracking"]
+    version = report["tracking"]["registered"]["version"]
+    promote(uri, REGISTERED, version)
+    fetched = resolve_lora(f"models:/{REGISTERED}@champion", uri, tmp_path / "fetched")
+    name = "pytorch_lora_weights.safetensors"
+    assert (fetched / name).read_bytes() == (Path(report["weights"]) / name).read_bytes()
+    assert sorted(p.name for p in work.iterdir()) == (["stores"] if kind == "sqlite-relative" else [])
+    if kind.startswith("sqlite"):
+        db = Path("stores/tracking.db") if kind == "sqlite-relative" else tmp_path / "stores" / "tracking.db"
+        assert db.is_file() and list((db.parent / "mlruns").rglob(name))  # artifacts beside the database
+
+
+@pytest.mark.slow
+def test_replay_sends_what_a_dead_server_missed_and_ends_runs_truly(trained, tmp_path):
+    """A server dies mid-run; once it is back on the same store, `cogvx tracking replay` sends the
+    metrics and artifacts, ends the finished run FINISHED (and registers its LoRA) and a run whose
+    process vanished KILLED, and empties the pending file."""
+    root, port = tmp_path / "server", free_port()
+    process, url = spawn_server(root, port=port)
+    wait_healthy(process, url, root)
+    out = tmp_path / "run"
+    config = config_for(trained, out, f"tracking.tracking_uri={url}")
+    finished, vanished = (RunTracker(flush_every=1, source_dir=tmp_path).start(config) for _ in range(2))
+    finished.log_step(1, 0.9, 1e-4, 1.0, 0.1)
+    stop_server(process)
+    with pytest.warns(TrackingWarning):
+        for tracker in (finished, vanished):
+            tracker.log_step(2, 0.8, 1e-4, 1.0, 0.1)
+        (out / "report.json").write_text(json.dumps(trained["report"]))
+        assert not finished.finish(trained["report"], out)["complete"]  # `vanished` never finishes
+    process, url = spawn_server(root, port=port)
+    try:
+        wait_healthy(process, url, root)
+        done = {row["run_id"]: row for row in replay_pending(config, log=lambda *_: None)}
+        client = MlflowClient(tracking_uri=url)
+        assert done[finished.run_id]["status"] == "FINISHED" and done[vanished.run_id]["status"] == "KILLED"
+        assert client.get_run(finished.run_id).info.status == "FINISHED"
+        assert client.get_run(vanished.run_id).info.status == "KILLED"
+        assert [m.step for m in client.get_metric_history(finished.run_id, "train/loss")] == [1, 2]
+        assert [m.step for m in client.get_metric_history(vanished.run_id, "train/loss")] == [2]
+        assert client.get_run(finished.run_id).data.metrics["final_loss"] == trained["report"]["final_loss"]
+        assert done[finished.run_id]["registered"]["name"] == REGISTERED
+        assert not (out / PENDING_FILE).exists()
+        with pytest.raises(CogvxError, match="nothing to replay"):
+            replay_pending(config)
+    finally:
+        stop_server(process)
