@@ -37,7 +37,7 @@ def run_check(config: Config, out_dir: str | Path, steps: int = 2) -> dict[str, 
                    width=config.width, steps=steps, guidance_scale=config.validate_.guidance_scale,
                    seed=config.validate_.seed)
     rendered = time.perf_counter()
-    fps = config.validate_.fps or config.data.fps or spec.fps
+    fps = config.validate_.fps or config.sample_fps or spec.fps
     write_video(video, out_dir / "sample.mp4", fps=fps)
     report = {
         "model": spec.key, "source": config.model_source, "device": str(device),

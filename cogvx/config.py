@@ -55,7 +55,7 @@ class DataConfig(Section):
     source: str = Field("synthetic", description="What `cogvx data download` fetches into data_root: 'synthetic' clips, a hub dataset id, a local folder or a .zip/.tar archive.")
     revision: str | None = Field(None, description="Hub dataset revision (branch, tag or commit) when source is a hub id.")
     data_root: Path = Field(Path("data/raw"), description="Folder holding the clips and caption files; dataset paths are relative to it.")
-    format: Literal["auto", "txt", "csv", "json"] = Field("auto", description="Dataset layout: prompts.txt+videos.txt, CSV, JSON/JSONL, or auto-detect.")
+    format: Literal["auto", "txt", "csv", "json"] = Field("auto", description="Dataset layout: prompts.txt+videos.txt, CSV, JSON/JSONL, or auto-detect (auto refuses a data_root holding several listings, e.g. metadata.csv beside prompts.txt+videos.txt: pick one here or with metadata_file).")
     prompts_file: str = Field("prompts.txt", description="txt layout: file with one caption per line, relative to data_root.")
     videos_file: str = Field("videos.txt", description="txt layout: file with one clip path per line, relative to data_root.")
     images_file: str = Field("images.txt", description="txt layout: optional file with one first-frame image per line (image-to-video).")
@@ -67,7 +67,8 @@ class DataConfig(Section):
     height: int | None = Field(None, ge=16, description="Training height in pixels (multiple of 16); null takes the model's default.")
     width: int | None = Field(None, ge=16, description="Training width in pixels (multiple of 16); null takes the model's default.")
     buckets: list[tuple[int, int, int]] | None = Field(None, description="Resolution buckets as [frames, height, width] lists; null is the single bucket frames x height x width.")
-    fps: int | None = Field(None, ge=1, description="Frame rate clips are sampled at; null keeps each clip's own rate.")
+    fps: int | Literal["native"] | None = Field(None, description="Frame rate clips are sampled at, so every clip moves at the speed the model was trained at: null = the model's own rate (8 fps for CogVideoX 1.0, 16 for 1.5); a number overrides it; 'native' keeps each clip's own rate. Faster clips are resampled, slower ones keep all their frames.")
+    frame_sampling: Literal["start", "evenly", "random"] = Field("start", description="Which frames of a clip are taken: 'start' = a window at data.fps from the start (the rest of a longer clip is cut); 'random' = that window at a random offset, seeded by data.seed and the clip's path (a re-run takes the same frames); 'evenly' = frames spread evenly over the whole clip, ignoring data.fps (motion speed then varies with clip length).")
     skip_frames_start: int = Field(0, ge=0, description="Frames dropped from the start of every clip (intros, fades).")
     skip_frames_end: int = Field(0, ge=0, description="Frames dropped from the end of every clip.")
     resize_mode: Literal["center_crop", "random_crop", "resize"] = Field("center_crop", description="Fit clips to the bucket: scale to cover then crop centred or at random, or stretch.")
@@ -76,10 +77,26 @@ class DataConfig(Section):
     id_token: str | None = Field(None, description="Word prepended to every caption (e.g. a rare token naming your subject or style).")
     image_noise: bool = Field(True, description="Image-to-video: add pixel noise (sigma = exp(N(-3, 0.5))) to the first frame before encoding, as the reference trainers do.")
     synthetic_clips: int = Field(12, ge=1, description="Clips made when source is 'synthetic'.")
-    seed: int = Field(0, ge=0, description="Seed of synthetic clips and of random crops and flips.")
+    seed: int = Field(0, ge=0, description="Seed of synthetic clips and of random crops, flips and frame windows.")
 
     _check_size = field_validator("height", "width")(_multiple_of_16)
     _check_listing = field_validator("prompts_file", "videos_file", "images_file", "metadata_file")(_inside_data_root)
+
+    def sample_fps(self, model_fps: int | None) -> int | None:
+        """The rate frames are taken at: fps, or ``model_fps`` when fps is null; None when no rate
+        applies (fps = native keeps each clip's own, frame_sampling = evenly ignores rates)."""
+        if self.frame_sampling == "evenly" or self.fps == "native":
+            return None
+        return self.fps or model_fps
+
+    @field_validator("fps", mode="before")
+    @classmethod
+    def _check_fps(cls, value: Any) -> Any:
+        """One message for every wrong value (not one per member of the union)."""
+        if value is None or value == "native" or (type(value) is int and value >= 1):
+            return value
+        raise ValueError("must be a whole number of frames per second (>= 1), 'native' "
+                         "(each clip's own rate) or null (the model's rate)")
 
     @field_validator("buckets")
     @classmethod
@@ -232,6 +249,19 @@ class Config(Section):
     @property
     def width(self) -> int:
         return self.data.width or self.spec.width
+
+    @property
+    def sample_fps(self) -> int | None:
+        """The rate frames are taken at: data.fps, or the model's own when it is null; None when
+        no rate applies (data.fps = native keeps each clip's, frame_sampling = evenly ignores it)."""
+        return self.data.sample_fps(self.spec.fps)
+
+    @property
+    def names_buckets(self) -> bool:
+        """Whether the config names its training shapes (data.buckets or data.frames/height/width);
+        when it does not, training takes the buckets recorded in the latents' manifest."""
+        data = self.data
+        return any(value is not None for value in (data.buckets, data.frames, data.height, data.width))
 
     @property
     def buckets(self):

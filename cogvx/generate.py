@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,14 +34,23 @@ class GenerateRequest:
 
 
 def lora_file(path: Path) -> Path:
-    """A LoRA weights file, given the file or the folder `cogvx train` wrote it to."""
+    """A LoRA weights file, given the file (any name) or the folder `cogvx train` wrote it to.
+
+    Filesystem oddities (a FIFO, a device, a symlink loop, a name too long) are refused with a
+    reason, without opening anything; whether the file is safetensors is its content's business
+    (:func:`cogvx.training.lora.read_lora_metadata`), not its name's.
+    """
+    from cogvx.data.video import file_problem
     from cogvx.training.lora import LORA_WEIGHT_NAME
 
     path = Path(path)
-    if path.is_dir():
+    if os.path.isdir(path):
         path = path / LORA_WEIGHT_NAME
-    if not path.is_file():
+    problem = file_problem(path, what="LoRA file")
+    if problem and problem.startswith("file not found"):
         raise CogvxError(f"--lora {path}: no such LoRA file")
+    if problem:
+        raise CogvxError(f"{path} is not a readable safetensors LoRA file ({problem})")
     return path
 
 
@@ -52,8 +62,8 @@ def resolve_weights(config: Config, request: GenerateRequest) -> tuple[Path | No
     lora, transformer = request.lora, request.transformer
     if request.weights is not None:
         weights = Path(request.weights)
-        if (weights / LORA_WEIGHT_NAME).is_file() or weights.suffix == ".safetensors":
-            lora = weights
+        if os.path.isfile(weights / LORA_WEIGHT_NAME) or (os.path.lexists(weights) and not os.path.isdir(weights)):
+            lora = weights  # a file (any name) is a LoRA, checked by content later; a full model is a folder
         else:
             transformer = weights
     if lora is not None:
@@ -79,15 +89,22 @@ def check_lora_base(meta: dict, spec, path: Path, log=print) -> None:
 
 def attach_lora(pipe, path: Path, scale: float, log=print, spec=None) -> dict:
     """Load a LoRA into the pipeline at ``scale`` x (alpha / rank), alpha read from the file;
-    with ``spec``, a LoRA recorded as trained on another kind of model is refused first."""
+    with ``spec``, a LoRA recorded as trained on another kind of model is refused first.
+
+    The file is read as safetensors whatever its name (``use_safetensors=True`` hands diffusers
+    the file itself and turns off its pickle fallback, which otherwise picks ``torch.load`` for
+    a name not ending in .safetensors); its header was checked before by read_lora_metadata.
+    """
+    from safetensors import SafetensorError
+
     from cogvx.training.lora import read_lora_metadata
 
     path = lora_file(path)
     meta = read_lora_metadata(path)
     check_lora_base(meta, spec, path, log)
     try:
-        pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=ADAPTER)
-    except (ValueError, KeyError, RuntimeError) as err:
+        pipe.load_lora_weights(str(path), use_safetensors=True, adapter_name=ADAPTER)
+    except (ValueError, KeyError, RuntimeError, SafetensorError) as err:
         raise CogvxError(f"{path} does not fit this model's transformer: {str(err).splitlines()[0][:200]}") from None
     pipe.set_adapters([ADAPTER], [scale])
     trained = meta["cogvx"].get("config", {}).get("train", {})

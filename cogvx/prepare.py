@@ -26,7 +26,7 @@ from cogvx.config import Config, write_resolved_config
 from cogvx.data.buckets import Bucket, BucketBatchSampler, assign_bucket
 from cogvx.data.latents import (MANIFEST_FORMAT, LatentsError, is_complete, read_manifest, text_file,
                                 video_file, write_manifest)
-from cogvx.io import atomic_file
+from cogvx.io import atomic_file, atomic_write_text
 
 VIDEO_TENSORS = ("latent_mean", "latent_logvar")
 IMAGE_TENSORS = ("image_latent_mean", "image_latent_logvar")
@@ -65,6 +65,11 @@ class PrepareSummary:
     encode_clips_per_second: float = 0.0
     phase_seconds: dict[str, float] = field(default_factory=dict)  # decode_wait, vae, write, t5 (slowest process)
     processes: int = 1
+    frame_sampling: str = "start"  # data.frame_sampling: start, random or evenly
+    sample_fps: int | None = None  # the rate frames were taken at; None: each clip's own (native, evenly)
+    clips_resampled: int = 0  # clips faster than sample_fps, resampled to it
+    clips_slower: int = 0  # clips slower than sample_fps: all their frames kept, they play faster
+    clips_cut: int = 0  # clips longer than their bucket's window: the rest of the clip is unused
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -104,19 +109,20 @@ def plan_samples(samples, infos, config: Config, folder: Path) -> list[Plan]:
     """Assign each valid sample its bucket and content keys."""
     from cogvx.data.video import usable_frame_count
 
-    data = config.data
+    data, fps = config.data, config.sample_fps
     vae_id = content_key(**model_identity(folder, "vae"))
     encoder_id = text_encoder_id(folder)
     wants_image = config.spec.task == "i2v"
     plans = []
     for sample in samples:
         info = infos[sample.video]
-        usable = usable_frame_count(info, data.fps, data.skip_frames_start, data.skip_frames_end)
+        usable = usable_frame_count(info, fps, data.skip_frames_start, data.skip_frames_end)
         bucket = assign_bucket(usable, info.height, info.width, config.buckets)
+        # Seeds the crop, the flip and the random frame window: the same clip, the same draws.
         crop_seed = int(content_key(seed=data.seed, video=sample.video_rel)[:8], 16)
         image_source = (file_sha256(sample.image) if sample.image else "first-frame") if wants_image else None
         video_key = content_key(
-            clip=file_sha256(sample.video), bucket=str(bucket), fps=data.fps,
+            clip=file_sha256(sample.video), bucket=str(bucket), fps=fps, sampling=data.frame_sampling,
             skip=(data.skip_frames_start, data.skip_frames_end), mode=data.resize_mode,
             flip=data.random_flip, crop_seed=crop_seed, vae=vae_id, dtype=config.model.dtype,
             image=image_source, image_noise=data.image_noise if wants_image else None)
@@ -127,11 +133,80 @@ def plan_samples(samples, infos, config: Config, folder: Path) -> list[Plan]:
     return plans
 
 
+@dataclass(frozen=True)
+class SamplingReport:
+    """How the clips' frames were chosen: the mode, the rate, and the clips it changed (each
+    named with a detail, e.g. "videos/a.mp4 (30 fps)"), for the summary and the notice."""
+
+    mode: str
+    fps: int | None
+    resampled: tuple[str, ...] = ()  # faster than fps: resampled to it
+    slower: tuple[str, ...] = ()  # slower than fps: every frame kept, so they play faster
+    cut: tuple[str, ...] = ()  # longer than their bucket's window
+    rates: tuple[float, ...] = ()  # the distinct rates of the clips
+
+    def counts(self) -> dict[str, Any]:
+        """The PrepareSummary fields."""
+        return {"frame_sampling": self.mode, "sample_fps": self.fps, "clips_resampled": len(self.resampled),
+                "clips_slower": len(self.slower), "clips_cut": len(self.cut)}
+
+
+def sampling_report(plans: list[Plan], infos, config: Config) -> SamplingReport:
+    """Which planned clips sampling resamples from another rate, and which it cuts."""
+    from cogvx.data.video import RATE_TOLERANCE, frame_step, usable_frame_count
+
+    data, fps = config.data, config.sample_fps
+    resampled, slower, cut = [], [], []
+    for plan in plans:
+        info = infos[plan.video]
+        if frame_step(info.fps, fps) > 1.0:
+            resampled.append(f"{plan.video_rel} ({info.fps:g} fps)")
+        elif fps and 0 < info.fps < fps * (1 - RATE_TOLERANCE):
+            slower.append(f"{plan.video_rel} ({info.fps:g} fps)")
+        usable = usable_frame_count(info, fps, data.skip_frames_start, data.skip_frames_end)
+        if data.frame_sampling != "evenly" and usable > plan.bucket.frames:
+            cut.append(f"{plan.video_rel} ({plan.bucket.frames} of {usable} frames)")
+    rates = tuple(sorted({round(infos[plan.video].fps, 3) for plan in plans}))
+    return SamplingReport(data.frame_sampling, fps, tuple(resampled), tuple(slower), tuple(cut), rates)
+
+
+def sampling_notice(report: SamplingReport, clips: int) -> str | None:
+    """One line saying what sampling did to the clips' rates and lengths; None when nothing."""
+    rate = f"{report.fps} fps" if report.fps else ("whole clips" if report.mode == "evenly" else "native rates")
+    parts = []
+    if report.resampled:
+        parts.append(f"{_count(report.resampled, clips)} resampled to {report.fps} fps ({_examples(report.resampled)})")
+    if report.slower:
+        parts.append(f"{_count(report.slower, clips)} slower than {report.fps} fps keep every frame and "
+                     f"play faster ({_examples(report.slower)})")
+    if report.fps is None and report.mode != "evenly" and len(report.rates) > 1:
+        parts.append(f"clips keep their own rates ({', '.join(f'{r:g}' for r in report.rates)} fps), so "
+                     "their motion speeds differ")
+    if report.cut:
+        where = "from the start" if report.mode == "start" else "at a seeded random offset"
+        parts.append(f"{_count(report.cut, clips)} longer than their window were cut, frames taken {where} "
+                     f"({_examples(report.cut)}; data.frame_sampling=evenly spreads frames over whole clips)")
+    if not parts:
+        return None
+    return f"notice: frame sampling {report.mode!r} at {rate}: " + "; ".join(parts)
+
+
+def _count(names: tuple[str, ...], clips: int) -> str:
+    return f"{len(names)} of {clips} clips"
+
+
+def _examples(names: tuple[str, ...], limit: int = 2) -> str:
+    """'e.g. a, b' for the first ``limit`` names, with how many more."""
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return "e.g. " + ", ".join(names[:limit]) + more
+
+
 class ClipDataset(torch.utils.data.Dataset):
     """Decodes, samples, crops and flips the clips to encode (run in DataLoader workers)."""
 
     def __init__(self, plans: list[Plan], infos, config: Config) -> None:
         self.plans, self.infos, self.data = plans, infos, config.data
+        self.fps = config.sample_fps
         self.with_image = config.spec.task == "i2v"
 
     def __len__(self) -> int:
@@ -143,9 +218,10 @@ class ClipDataset(torch.utils.data.Dataset):
         plan, data = self.plans[index], self.data
         generator = torch.Generator().manual_seed(plan.crop_seed)
         video = load_clip(plan.video, self.infos[plan.video], plan.bucket.frames, plan.bucket.height,
-                          plan.bucket.width, target_fps=data.fps, skip_start=data.skip_frames_start,
+                          plan.bucket.width, target_fps=self.fps, skip_start=data.skip_frames_start,
                           skip_end=data.skip_frames_end, mode=data.resize_mode,
-                          flip_probability=data.random_flip, generator=generator)  # [F, C, H, W]
+                          flip_probability=data.random_flip, generator=generator,
+                          frame_sampling=data.frame_sampling, sample_seed=plan.crop_seed)  # [F, C, H, W]
         item: dict[str, Any] = {"key": plan.video_key, "video": video}
         if self.with_image:
             if plan.image is not None:
@@ -303,6 +379,19 @@ def _device(config: Config) -> torch.device:
 
 
 def run_prepare(config: Config, prune: bool = False, log=print) -> PrepareSummary:
+    """:func:`prepare_latents` holding prepare.output_dir's run lock (the main process takes it,
+    once per launch): a second prepare there would delete the first one's files in the middle
+    of their writes (the leftovers cleanup) or still needed (``prune``)."""
+    from cogvx.distributed import is_main_process
+    from cogvx.runlock import run_lock
+
+    if not is_main_process():
+        return prepare_latents(config, prune, log)
+    with run_lock(config.prepare.output_dir, "prepare.output_dir", log=log):
+        return prepare_latents(config, prune, log)
+
+
+def prepare_latents(config: Config, prune: bool = False, log=print) -> PrepareSummary:
     """Validate the data set, encode what is missing, write the manifest; return a summary.
 
     Launched on several processes (accelerate launch), each encodes its share of the missing
@@ -316,12 +405,17 @@ def run_prepare(config: Config, prune: bool = False, log=print) -> PrepareSummar
     started = time.perf_counter()
     processes = Processes(config.train.process_group_timeout_minutes)
     out = Path(config.prepare.output_dir)
-    report = validate_dataset(config.data, min_frames=min(b.frames for b in config.buckets))
+    report = validate_dataset(config.data, min_frames=min(b.frames for b in config.buckets),
+                              model_fps=config.spec.fps)
     samples = apply_policy(report, config.data.skip_invalid, out / "dropped.json" if processes.is_main else None)
     spec = config.spec
     folder = resolve_source(config.model_source, config.model.revision, config.model.cache_dir, spec)
     plans = plan_samples(samples, report.infos, config, folder)
+    sampling = sampling_report(plans, report.infos, config)
     if processes.is_main:
+        notice = sampling_notice(sampling, len(plans))
+        if notice:
+            log(notice)
         (out / "videos").mkdir(parents=True, exist_ok=True)
         (out / "texts").mkdir(parents=True, exist_ok=True)
         remove_partial_files(out)
@@ -344,7 +438,7 @@ def run_prepare(config: Config, prune: bool = False, log=print) -> PrepareSummar
             log(f"pruned {prune_unreferenced(out, plans)} unreferenced latent files")
     processes.wait()
     return summarize(shares, len(plans), len(todo_videos), len(report.samples) - len(samples),
-                     time.perf_counter() - started)
+                     time.perf_counter() - started, sampling)
 
 
 def encode_share(config: Config, folder: Path, videos: list[Plan], texts: dict[str, str], infos, out: Path,
@@ -389,7 +483,8 @@ def check_complete(out: Path, plans: list[Plan], names: tuple[str, ...]) -> None
                            "a process failed: run `cogvx prepare` again, it encodes only what is missing")
 
 
-def summarize(shares: list[dict[str, Any]], samples: int, todo: int, dropped: int, seconds: float) -> PrepareSummary:
+def summarize(shares: list[dict[str, Any]], samples: int, todo: int, dropped: int, seconds: float,
+              sampling: SamplingReport | None = None) -> PrepareSummary:
     """One summary over every process's share: counts added, time of the slowest, peak of any."""
     videos = sum(share["videos"] for share in shares)
     encode_seconds = max(share["encode_seconds"] for share in shares)
@@ -403,4 +498,20 @@ def summarize(shares: list[dict[str, Any]], samples: int, todo: int, dropped: in
                           peak_memory_gib=round(max(share["peak"] for share in shares), 3),
                           memory_kind=shares[0]["memory_kind"], encode_seconds=round(encode_seconds, 2),
                           encode_clips_per_second=round(videos / encode_seconds, 3) if videos else 0.0,
-                          phase_seconds=phases, processes=len(shares))
+                          phase_seconds=phases, processes=len(shares), **(sampling.counts() if sampling else {}))
+
+
+# What a re-run on the same data and config reproduces exactly (the rest depends on the machine,
+# the moment, and what earlier runs already encoded).
+REPRODUCIBLE_SUMMARY = ("samples", "dropped", "frame_sampling", "sample_fps", "clips_resampled", "clips_slower",
+                        "clips_cut")
+
+
+def write_prepare_metrics(summary: PrepareSummary, folder: Path) -> None:
+    """DVC's metrics of a prepare run: metrics.json (identical for identical inputs) and
+    resources.json (speed, memory, files encoded this time)."""
+    figures = summary.as_dict()
+    metrics = {key: figures[key] for key in REPRODUCIBLE_SUMMARY if key in figures}
+    resources = {key: value for key, value in figures.items() if key not in metrics}
+    atomic_write_text(Path(folder) / "metrics.json", json.dumps(metrics, indent=1) + "\n")
+    atomic_write_text(Path(folder) / "resources.json", json.dumps(resources, indent=1) + "\n")

@@ -29,7 +29,8 @@ def test_corpus_covers_params_data_and_lora(corpus):
     "params/huge.yaml", "params/latin1.yaml", "data/one-frame", "data/text-as-mp4", "data/empty-mp4",
     "data/megabyte-caption", "data/huge-resolution", "data/traversal", "data/absolute", "data/listing-prompts_file",
     "data/listing-videos_file", "data/listing-images_file", "data/listing-metadata_file", "lora/mismatch.safetensors", "lora/pickle.bin",
-    "lora/truncated.safetensors", "lora/other-base.safetensors"])
+    "lora/truncated.safetensors", "lora/other-base.safetensors", "lora/pickle-named.st", "data/symlink-loop",
+    "data/fifo-clip", "data/audio-only", "data/nul-caption", "data/two-listings"])
 def test_bad_input_is_refused_cleanly(corpus, name, run_cli, tmp_path):
     root, cases = corpus
     case = cases[name]

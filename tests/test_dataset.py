@@ -151,14 +151,30 @@ def test_jsonl_layout_is_found_automatically(make_data):
     text = ('{"caption": "one", "video": "a.mp4"}\n'
             '\n'
             '{"caption": "two", "video": "b.mp4"}\n')
-    # a txt listing is there too: metadata.* wins in auto mode
-    data = make_data({}, {"metadata.jsonl": text, "prompts.txt": "x\n", "videos.txt": "x.mp4\n"})
+    data = make_data({}, {"metadata.jsonl": text})
     samples, problems = read_samples(data)
     assert problems == []
     assert [(s.caption, s.origin) for s in samples] == [("one", "metadata.jsonl:1"),
                                                          ("two", "metadata.jsonl:3")]
+
+
+def test_metadata_file_beside_a_txt_listing_is_refused_in_auto_mode(make_data):
+    """auto does not guess between two listings of one data_root; data.format picks one."""
+    data = make_data({}, {"metadata.jsonl": '{"caption": "one", "video": "a.mp4"}\n',
+                          "prompts.txt": "x\n", "videos.txt": "x.mp4\n"})
+    samples, problems = read_samples(data)
+    assert samples == [] and len(problems) == 1
+    assert str(problems[0]).startswith("data.format: auto finds metadata.jsonl and prompts.txt + videos.txt")
+    assert "data.format=json (or data.metadata_file=metadata.jsonl) to use metadata.jsonl" in str(problems[0])
+    assert "data.format=txt to use prompts.txt + videos.txt" in str(problems[0])
+    json_samples, _ = read_samples(data.model_copy(update={"format": "json"}))
+    assert [s.origin for s in json_samples] == ["metadata.jsonl:1"]
+    named, _ = read_samples(data.model_copy(update={"metadata_file": "metadata.jsonl"}))
+    assert [s.origin for s in named] == ["metadata.jsonl:1"]
     txt_samples, _ = read_samples(data.model_copy(update={"format": "txt"}))
     assert [s.origin for s in txt_samples] == ["videos.txt:1"]
+    both = make_data({}, {"metadata.csv": "caption,video\nx,a.mp4\n"})
+    assert "auto finds metadata.csv and metadata.jsonl" in str(read_samples(both)[1][0])
 
 
 def test_valid_data_set_passes_and_keeps_probe_results(make_data):

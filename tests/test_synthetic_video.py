@@ -10,7 +10,7 @@ import torch
 
 from cogvx.data.synthetic import (COLOUR_RGB, LENGTHS, SIZES, SYNTHETIC_MOTIONS, SYNTHETIC_SHAPES,
                                   make_synthetic_dataset, plan_clips, render_clip)
-from cogvx.data.video import (VideoError, VideoInfo, fit_to_size, frame_stride, load_clip,
+from cogvx.data.video import (VideoError, VideoInfo, fit_to_size, frame_step, load_clip,
                               probe_video, read_frames, sample_frame_indices)
 from cogvx.models.tokenizer import COLOURS, MOTIONS, SHAPES, caption_corpus
 
@@ -147,15 +147,16 @@ def test_synthetic_words_are_tokenizer_words():
 
 def test_frame_sampling_strides_to_the_target_fps_and_skips():
     info = VideoInfo(frames=90, fps=30.0, height=64, width=64)
-    assert frame_stride(30.0, 8) == 4 and frame_stride(30.0, None) == 1 and frame_stride(8.0, 30) == 1
-    assert sample_frame_indices(info, 5, target_fps=8) == [0, 4, 8, 12, 16]
+    assert frame_step(30.0, 8) == 3.75 and frame_step(30.0, None) == 1 and frame_step(8.0, 30) == 1
+    assert frame_step(29.97, 30) == 1 and frame_step(0.0, 8) == 1  # within 1%; unknown rate
+    assert sample_frame_indices(info, 5, target_fps=8) == [0, 4, 8, 11, 15]  # frames at i / 8 s
     assert sample_frame_indices(info, 3, target_fps=15, skip_start=10) == [10, 12, 14]
     assert sample_frame_indices(info, 80, skip_start=5, skip_end=5)[-1] == 84
     with pytest.raises(VideoError, match="needs 81 frames"):
         sample_frame_indices(info, 81, skip_start=5, skip_end=5)
-    assert sample_frame_indices(info, 23, target_fps=8)[-1] == 88  # ceil(90 / 4) = 23 frames
-    with pytest.raises(VideoError, match="needs 24 frames, the clip gives 23"):
-        sample_frame_indices(info, 24, target_fps=8)
+    assert sample_frame_indices(info, 24, target_fps=8)[-1] == 86  # 23 * 3.75 = 86.25; 24 * 3.75 = 90
+    with pytest.raises(VideoError, match="needs 25 frames, the clip gives 24"):
+        sample_frame_indices(info, 25, target_fps=8)
 
 
 def test_load_clip_samples_strided_frames_of_a_real_clip(dataset):

@@ -18,6 +18,14 @@ class Bucket(NamedTuple):
     def __str__(self) -> str:
         return f"{self.frames}x{self.height}x{self.width}"
 
+    @classmethod
+    def parse(cls, text: str) -> Bucket:
+        """The bucket written as ``str(bucket)`` ("49x480x720", as manifests record them)."""
+        parts = str(text).split("x")
+        if len(parts) != 3 or not all(part.isdigit() for part in parts):
+            raise ValueError(f"{text!r} is not a bucket (FRAMESxHEIGHTxWIDTH, e.g. 49x480x720)")
+        return cls(*map(int, parts))
+
 
 def assign_bucket(available_frames: int, height: int, width: int,
                   buckets: Sequence[Bucket]) -> Bucket | None:

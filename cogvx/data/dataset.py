@@ -14,12 +14,15 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import stat
+import unicodedata
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from cogvx.config import DataConfig
-from cogvx.data.video import VideoError, VideoInfo, probe_video, usable_frame_count
+from cogvx.data.video import VideoError, VideoInfo, file_problem, probe_video, usable_frame_count
 from cogvx.errors import CogvxError
 from cogvx.io import atomic_write_text
 
@@ -86,19 +89,65 @@ class ValidationReport:
                 lines.setdefault(problem.origin, []).append(problem)
         return lines
 
+    @property
+    def listed(self) -> int:
+        """How many samples the listing names: those formed plus the lines rejected."""
+        return len(self.samples) + len(self.rejected_lines())
+
     def format(self) -> str:
-        """Human report: a header with counts, then one line per problem."""
+        """Human report: a header saying how much of the data set is affected, then one line per
+        problem. The header reads naturally at the extremes: no sample read, every sample bad."""
         rejected = len(self.rejected_lines())
-        affected = len(self.invalid) + rejected
-        total = len(self.samples) + rejected
+        affected, total = len(self.invalid) + rejected, self.listed
         count = len(self.problems)
         noun = "problem" if count == 1 else "problems"
-        lines = [f"{count} {noun} in data set {self.root} ({affected} of {total} samples affected):"]
+        if total == 0:
+            scope = "; no sample could be read"
+        elif affected == total:
+            scope = f" ({'its only sample' if total == 1 else f'all {total} samples'} affected)"
+        else:
+            scope = f" ({affected} of {total} samples affected)"
+        lines = [f"{count} {noun} in data set {self.root}{scope}:"]
         lines += [f"  - {problem}" for problem in self.problems]
         return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- reading listings
+
+
+class _ListingProblem(Exception):
+    """The listing cannot be read (or chosen); :func:`read_samples` reports ``problem`` for it."""
+
+    def __init__(self, problem: Problem) -> None:
+        super().__init__(str(problem))
+        self.problem = problem
+
+
+def _read_listing(path: Path, name: str) -> bytes:
+    """The bytes of a listing file; _ListingProblem when it is not a readable regular file.
+
+    It is opened non-blocking and checked with fstat before reading, so a FIFO or a device in
+    its place is refused instead of blocking (or streaming forever).
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as err:
+        problem = file_problem(path, what="listing file")
+        raise _ListingProblem(Problem(name, problem or f"cannot be read ({err.strerror})")) from None
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise _ListingProblem(Problem(name, file_problem(path, what="listing file")
+                                             or "not a regular file"))
+        try:
+            return handle.read()
+        except OSError as err:
+            raise _ListingProblem(Problem(name, f"cannot be read ({err.strerror})")) from None
+
+
+def _listing_status(path: Path) -> str | None:
+    """None when ``path`` is a regular file (possibly empty), else why not ("file not found", ...)."""
+    problem = file_problem(path, what="listing file")
+    return None if problem in (None, "empty file (0 bytes)") else problem
 
 
 def _decode_lines(path: Path, name: str) -> tuple[list[str], dict[int, Problem]]:
@@ -108,7 +157,7 @@ def _decode_lines(path: Path, name: str) -> tuple[list[str], dict[int, Problem]]
     :func:`_is_clean` tells callers to leave those values out. A UTF-8 BOM is dropped and
     trailing empty lines (an editor's final newline) do not count as lines.
     """
-    raw = path.read_bytes()
+    raw = _read_listing(path, name)
     offset = 3 if raw.startswith(b"\xef\xbb\xbf") else 0
     raw = raw[offset:]
     lines: list[str] = []
@@ -141,6 +190,46 @@ def _is_clean(*values: str | None) -> bool:
 
 # T5 reads 226 tokens (~1,000 characters); far longer captions mean a broken listing file.
 MAX_CAPTION_CHARS = 10_000
+# Control characters a caption may hold: whitespace the tokenizer reads as a space. Any other
+# (NUL, ESC, DEL, the C1 range, ...) is a binary or corrupted listing, refused with its position.
+ALLOWED_CONTROLS = frozenset("\t\n\r")
+_CONTROL_NAMES = {0x00: "NUL", 0x08: "backspace", 0x0B: "vertical tab", 0x0C: "form feed",
+                  0x1B: "ESC", 0x7F: "DEL"}
+
+
+def _control_character(text: str, allowed: frozenset[str] = ALLOWED_CONTROLS) -> str | None:
+    """The first control character of ``text`` not in ``allowed``, described with its position."""
+    for index, char in enumerate(text, start=1):
+        if char not in allowed and unicodedata.category(char) == "Cc":
+            name = _CONTROL_NAMES.get(ord(char))
+            return f"U+{ord(char):04X}{f' {name}' if name else ''} at character {index}"
+    return None
+
+
+def _resolve(path: Path) -> Path:
+    """``path`` made absolute with symlinks resolved, or only made absolute when resolving fails
+    (a symlink loop): the file checks then report the loop for what it is."""
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError):
+        return Path(os.path.abspath(path))
+
+
+def _control_problem(caption: str, video_rel: str, image_rel: str | None,
+                     names: tuple[str, str]) -> tuple[bool, str] | None:
+    """(about the caption?, message) when a listed value holds a control character, else None.
+
+    Paths may hold none (os calls refuse a NUL outright); captions may hold tabs and line breaks.
+    """
+    for value, label in ((video_rel, f"clip path ({names[1]})"), (image_rel, "image path")):
+        found = _control_character(value or "", frozenset())
+        if found:
+            return False, f"{label} contains a control character ({found}); remove it"
+    found = _control_character(caption)
+    if found:
+        return True, (f"caption ({names[0]}) for {video_rel} contains a control character "
+                      f"({found}); remove it (tabs and line breaks are allowed)")
+    return None
 
 
 def _make_sample(root: Path, caption: Any, video: Any, image: Any, origin: str,
@@ -166,6 +255,12 @@ def _make_sample(root: Path, caption: Any, video: Any, image: Any, origin: str,
     if not video_rel:
         problems.append(Problem(origin, f"empty {names[1]} (no clip path)"))
         return None
+    control = _control_problem(caption_text, video_rel, image_rel, names)
+    if control:
+        about_caption, message = control
+        problems.append(Problem((caption_origin or origin) if about_caption else origin, message,
+                                video=video_rel))
+        return None
     if not caption_text:
         problems.append(Problem(caption_origin or origin, f"empty caption ({names[0]}) for "
                                 f"{video_rel}", video=video_rel))
@@ -175,22 +270,27 @@ def _make_sample(root: Path, caption: Any, video: Any, image: Any, origin: str,
                                 f"{len(caption_text):,} characters; over {MAX_CAPTION_CHARS:,} is refused "
                                 "(T5 reads 226 tokens; a caption this long is a broken listing)", video=video_rel))
         return None
-    return Sample(caption=caption_text, video=(root / video_rel).resolve(),
-                  image=(root / image_rel).resolve() if image_rel else None,
+    return Sample(caption=caption_text, video=_resolve(root / video_rel),
+                  image=_resolve(root / image_rel) if image_rel else None,
                   origin=origin, video_rel=video_rel, image_rel=image_rel)
 
 
 def _read_txt(data: DataConfig, root: Path) -> tuple[list[Sample], list[Problem]]:
     """prompts.txt + videos.txt (+ images.txt when present), paired line by line."""
     pname, vname, iname = data.prompts_file, data.videos_file, data.images_file
-    missing = [n for n in (pname, vname) if not (root / n).is_file()]
+    status = {name: _listing_status(root / name) for name in (pname, vname, iname)}
+    odd = [Problem(name, reason) for name, reason in status.items()
+           if reason and not reason.startswith("file not found")]
+    if odd:
+        return [], odd
+    missing = [n for n in (pname, vname) if status[n]]
     if missing:
         return [], [Problem(" + ".join(missing), f"not found in {root}; a txt data set needs {pname} "
                             f"(one caption per line) and {vname} (one clip path per line), or "
                             f"give a CSV/JSON listing with data.metadata_file")]
     prompts, bad_p = _decode_lines(root / pname, pname)
     videos, bad_v = _decode_lines(root / vname, vname)
-    images, bad_i = _decode_lines(root / iname, iname) if (root / iname).is_file() else (None, {})
+    images, bad_i = _decode_lines(root / iname, iname) if status[iname] is None else (None, {})
     problems: list[Problem] = []
     if len(prompts) != len(videos):
         problems.append(Problem(vname, f"{pname} has {len(prompts)} lines, {vname} has "
@@ -324,10 +424,58 @@ def _listing(data: DataConfig, root: Path) -> tuple[str, str | None]:
         return kind, data.metadata_file
     candidates = {"auto": METADATA_NAMES, "csv": ("metadata.csv",),
                   "json": ("metadata.jsonl", "metadata.json")}[data.format]
-    found = [name for name in candidates if (root / name).is_file()]
+    found = [name for name in candidates if _present(root / name)]
+    txt = [data.prompts_file, data.videos_file]
+    if len(found) > 1 or (found and data.format == "auto" and all(_present(root / n) for n in txt)):
+        raise _ListingProblem(_ambiguity(data, root, found, txt if len(found) == 1 else []))
     if found:
         return ("csv" if found[0].endswith(".csv") else "json"), found[0]
     return ("txt", None) if data.format == "auto" else (data.format, candidates[0])
+
+
+def _present(path: Path) -> bool:
+    """Whether something (a file, even an unreadable one, a folder, ...) is at ``path``."""
+    return not (file_problem(path, what="listing file") or "").startswith("file not found")
+
+
+def _ambiguity(data: DataConfig, root: Path, found: list[str], txt: list[str]) -> Problem:
+    """The problem of a data_root holding several listings: cogvx does not guess which one counts."""
+    listings = found + ([" + ".join(txt)] if txt else [])
+    choices = [f"data.metadata_file={name}" for name in found]
+    if txt:
+        choices = [f"data.format={'csv' if found[0].endswith('.csv') else 'json'} (or {choices[0]}) "
+                   f"to use {found[0]}", f"data.format=txt to use {' + '.join(txt)}"]
+    return Problem("data.format", f"{data.format} finds {' and '.join(listings)} in {root} and does not guess "
+                   f"which one lists the data set; set {', or '.join(choices)}")
+
+
+def _root_problem(root: Path) -> str | None:
+    """Why data_root cannot be used ("does not exist", "is not a folder", ...), or None."""
+    try:
+        return None if stat.S_ISDIR(os.stat(root).st_mode) else "is not a folder"
+    except (OSError, ValueError):
+        reason = file_problem(root, what="folder") or "cannot be read"
+        return "does not exist" if reason.startswith("file not found") else f"cannot be used: {reason}"
+
+
+def _read_listing_of_kind(data: DataConfig, root: Path, kind: str,
+                          name: str | None) -> tuple[list[Sample], list[Problem]]:
+    """Samples and problems of the listing :func:`_listing` chose."""
+    if kind == "txt":
+        return _read_txt(data, root)
+    if kind == "unknown":
+        return [], [Problem(str(name), "cannot tell the format from the extension "
+                            "(.csv, .json or .jsonl); set data.format to csv or json")]
+    status = _listing_status(root / name)
+    if status and status.startswith("file not found"):
+        return [], [Problem(name, f"not found in {root}; set data.metadata_file to the listing "
+                            "file, relative to data_root")]
+    if status:
+        return [], [Problem(name, status)]
+    if kind == "csv":
+        return _read_csv(data, root, name)
+    reader = _read_jsonl if name.lower().endswith(".jsonl") else _read_json
+    return reader(data, root, name)
 
 
 def read_samples(data: DataConfig) -> tuple[list[Sample], list[Problem]]:
@@ -337,24 +485,15 @@ def read_samples(data: DataConfig) -> tuple[list[Sample], list[Problem]]:
     their problems say where they are. A missing data_root or listing file is one problem.
     """
     root = Path(data.data_root).expanduser()
-    if not root.is_dir():
-        what = "is not a folder" if root.exists() else "does not exist"
+    what = _root_problem(root)
+    if what:
         return [], [Problem("data.data_root", f"{root.absolute()} {what}; point data.data_root at "
                             "the folder holding the clips (or run `cogvx data download`)")]
-    kind, name = _listing(data, root)
-    if kind == "txt":
-        samples, problems = _read_txt(data, root)
-    elif kind == "unknown":
-        return [], [Problem(str(name), "cannot tell the format from the extension "
-                            "(.csv, .json or .jsonl); set data.format to csv or json")]
-    elif not (root / name).is_file():
-        return [], [Problem(name, f"not found in {root}; set data.metadata_file to the listing "
-                            "file, relative to data_root")]
-    elif kind == "csv":
-        samples, problems = _read_csv(data, root, name)
-    else:
-        reader = _read_jsonl if name.lower().endswith(".jsonl") else _read_json
-        samples, problems = reader(data, root, name)
+    try:
+        kind, name = _listing(data, root)
+        samples, problems = _read_listing_of_kind(data, root, kind, name)
+    except _ListingProblem as err:
+        return [], [err.problem]
     if not samples and not problems:
         problems.append(Problem(name or data.videos_file, "lists no samples"))
     return samples, problems
@@ -375,16 +514,21 @@ def _path_problem(root: Path, rel: str, resolved: Path, what: str) -> str | None
     return None
 
 
+def _separator_hint(rel: str, problem: str) -> str:
+    """A hint to use '/' when a path that was not found is written with backslashes."""
+    if "\\" in rel and problem.startswith(("file not found", "not found")):
+        return " (the path contains '\\': use '/' as the path separator)"
+    return ""
+
+
 def _video_problem(sample: Sample, data: DataConfig, min_frames: int, probe: bool,
-                   infos: dict[Path, VideoInfo]) -> str | None:
-    """Why the sample's clip cannot be trained on (missing, empty, corrupt, short), or None."""
-    path = sample.video
-    if not path.exists():
-        return "file not found"
-    if not path.is_file():
-        return "not a file (a folder?)"
-    if path.stat().st_size == 0:
-        return "empty file (0 bytes)"
+                   infos: dict[Path, VideoInfo], model_fps: int | None = None) -> str | None:
+    """Why the sample's clip cannot be trained on (missing, not a regular file, empty, corrupt,
+    short), or None. Only a regular file is ever opened (see :func:`file_problem`)."""
+    path, root = sample.video, Path(data.data_root).expanduser()
+    problem = file_problem(root / sample.video_rel, root)  # as written: names broken links, missing folders
+    if problem:
+        return problem + _separator_hint(sample.video_rel, problem)
     if not probe:
         return None
     try:
@@ -392,14 +536,15 @@ def _video_problem(sample: Sample, data: DataConfig, min_frames: int, probe: boo
     except VideoError as err:
         message = str(err)
         return message.removeprefix(f"{path}: ") or "not a readable video"
-    usable = usable_frame_count(info, data.fps, data.skip_frames_start, data.skip_frames_end)
+    fps = data.sample_fps(model_fps)
+    usable = usable_frame_count(info, fps, data.skip_frames_start, data.skip_frames_end)
     if usable < min_frames:
         detail = f"{info.frames} frames at {info.fps:g} fps"
         if data.skip_frames_start or data.skip_frames_end:
             detail += f", less {data.skip_frames_start} skipped at the start and " \
                       f"{data.skip_frames_end} at the end"
-        if data.fps:
-            detail += f", sampled at {data.fps} fps"
+        if fps:
+            detail += f", sampled at {fps} fps"
         return f"too short: {usable} usable frames, needs {min_frames} ({detail})"
     infos[path] = info
     return None
@@ -413,15 +558,15 @@ def _image_problem(root: Path, sample: Sample) -> str | None:
     escape = _path_problem(root, rel, sample.image, "image")
     if escape:
         return f"image {rel}: {escape.removeprefix('image ')}"
-    if not sample.image.is_file():
-        return f"image {rel}: file not found"
-    if sample.image.stat().st_size == 0:
-        return f"image {rel}: empty file (0 bytes)"
+    problem = file_problem(sample.image, root, what="image file")
+    if problem:
+        return f"image {rel}: {problem}{_separator_hint(rel, problem)}"
     return None
 
 
 def _sample_problems(root: Path, sample: Sample, data: DataConfig, min_frames: int, probe: bool,
-                     seen: dict[Path, str], infos: dict[Path, VideoInfo]) -> list[str]:
+                     seen: dict[Path, str], infos: dict[Path, VideoInfo],
+                     model_fps: int | None = None) -> list[str]:
     """Every reason (message without the clip prefix) the sample is unusable."""
     reasons: list[str] = []
     escape = _path_problem(root, sample.video_rel, sample.video, "clip")
@@ -431,7 +576,7 @@ def _sample_problems(root: Path, sample: Sample, data: DataConfig, min_frames: i
         reasons.append(f"listed twice (first at {seen[sample.video]})")
     else:
         seen[sample.video] = sample.origin
-        video = _video_problem(sample, data, min_frames, probe, infos)
+        video = _video_problem(sample, data, min_frames, probe, infos, model_fps)
         if video:
             reasons.append(video)
     image = _image_problem(root, sample)
@@ -440,19 +585,21 @@ def _sample_problems(root: Path, sample: Sample, data: DataConfig, min_frames: i
     return reasons
 
 
-def validate_dataset(data: DataConfig, min_frames: int, probe: bool = True) -> ValidationReport:
+def validate_dataset(data: DataConfig, min_frames: int, probe: bool = True,
+                     model_fps: int | None = None) -> ValidationReport:
     """Read the data set and check every sample; all problems are collected, none raised.
 
     ``probe`` decodes each clip's header (decord) to catch corrupt files and clips shorter than
-    ``min_frames`` after data.skip_frames_* and data.fps sampling; the results are kept in
+    ``min_frames`` after data.skip_frames_* and sampling at data.fps (``model_fps``, the model's
+    rate, when data.fps is null: pass ``config.spec.fps``); the results are kept in
     ``report.infos`` so later stages need not probe again.
     """
-    root = Path(data.data_root).expanduser().resolve()
+    root = _resolve(Path(data.data_root).expanduser())
     samples, problems = read_samples(data)
     report = ValidationReport(root=root, samples=samples, problems=list(problems))
     seen: dict[Path, str] = {}
     for index, sample in enumerate(samples):
-        reasons = _sample_problems(root, sample, data, min_frames, probe, seen, report.infos)
+        reasons = _sample_problems(root, sample, data, min_frames, probe, seen, report.infos, model_fps)
         if reasons:
             found = [Problem(sample.origin, f"{sample.video_rel}: {r}", video=sample.video_rel)
                      for r in reasons]
@@ -496,15 +643,25 @@ def apply_policy(report: ValidationReport, skip_invalid: bool,
     if not report.problems:
         return list(report.valid)
     if not skip_invalid:
-        raise DataValidationError(
-            f"{report.format()}\nFix the listed problems, or set data.skip_invalid=true to drop "
-            f"the affected samples and train on the {len(report.valid)} valid ones.")
+        raise DataValidationError(f"{report.format()}\n{_advice(report)}")
     where = ""
     if report_path is not None:
         text = json.dumps(skip_report(report), indent=2, ensure_ascii=False) + "\n"
         atomic_write_text(report_path, _printable(text))
         where = f" (report: {report_path})"
     if not report.valid:
-        raise DataValidationError(f"{report.format()}\nNo valid sample is left to train on "
-                                  f"with data.skip_invalid=true{where}; fix the data set.")
+        left = "No valid sample is left" if report.listed else "No sample could be read, so none is left"
+        raise DataValidationError(f"{report.format()}\n{left} to train on with "
+                                  f"data.skip_invalid=true{where}; fix the data set.")
     return list(report.valid)
+
+
+def _advice(report: ValidationReport) -> str:
+    """What to do about a report with problems: fix them, or skip the bad samples when some are good."""
+    if report.valid:
+        count = len(report.valid)
+        return (f"Fix the listed problems, or set data.skip_invalid=true to drop the affected samples "
+                f"and train on the {count} valid {'one' if count == 1 else 'ones'}.")
+    if not report.listed:
+        return "Fix the listed problems: no sample could be read."
+    return "Fix the listed problems: no sample is usable (data.skip_invalid=true would leave nothing)."

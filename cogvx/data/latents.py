@@ -76,7 +76,12 @@ def read_manifest(root: Path) -> dict[str, Any]:
 
 
 def check_manifest(manifest: dict[str, Any], config: Config, root: Path) -> None:
-    """Refuse latents prepared for another model or other buckets, naming the mismatch."""
+    """Refuse latents prepared for another model or other buckets, naming the mismatch.
+
+    A config that names its shapes (data.buckets, data.frames/height/width) trains at those
+    only; one that names none trains at the buckets the manifest records, which must still
+    follow the model's frame rule.
+    """
     spec = config.spec
     model = manifest["model"]
     problems = []
@@ -84,15 +89,34 @@ def check_manifest(manifest: dict[str, Any], config: Config, root: Path) -> None
                         ("invert_scale_latents", spec.invert_scale_latents), ("task", spec.task)):
         if model.get(key) != wanted:
             problems.append(f"model {key}: latents have {model.get(key)!r}, this run needs {wanted!r}")
-    allowed = {str(bucket) for bucket in config.buckets}
-    foreign = sorted({entry["bucket"] for entry in manifest["entries"]} - allowed)
-    if foreign:
-        problems.append(f"buckets {', '.join(foreign)} are not among this run's buckets "
-                        f"({', '.join(sorted(allowed))})")
+    recorded = {entry["bucket"] for entry in manifest["entries"]}
+    if config.names_buckets:
+        allowed = {str(bucket) for bucket in config.buckets}
+        foreign = sorted(recorded - allowed)
+        if foreign:
+            problems.append(f"buckets {', '.join(foreign)} are not among this run's buckets "
+                            f"({', '.join(sorted(allowed))}); name the same data.buckets, or leave "
+                            "data.buckets, frames, height and width unset to train at the latents' buckets")
+    else:
+        problems += _bucket_problems(sorted(recorded), spec)
     if problems:
         raise LatentsError(f"the latents in {root} do not match this run:\n"
                            + "\n".join(f"  - {p}" for p in problems)
                            + "\n  run `cogvx prepare` with the same params to re-encode")
+
+
+def _bucket_problems(buckets: list[str], spec) -> list[str]:
+    """Manifest buckets that are malformed or break the model's frame rule."""
+    problems = []
+    for text in buckets:
+        try:
+            frames = Bucket.parse(text).frames
+        except ValueError as err:
+            problems.append(f"bucket {err}")
+            continue
+        if not spec.frame_rule.accepts(frames):
+            problems.append(f"bucket {text}: {spec.key} needs {spec.frame_rule} frames")
+    return problems
 
 
 class LatentDataset(torch.utils.data.Dataset):
@@ -114,7 +138,7 @@ class LatentDataset(torch.utils.data.Dataset):
 
     @property
     def buckets(self) -> list[Bucket]:
-        return [Bucket(*map(int, entry["bucket"].split("x"))) for entry in self.entries]
+        return [Bucket.parse(entry["bucket"]) for entry in self.entries]
 
     def batch_sampler(self, batch_size: int, seed: int, shuffle: bool = True) -> BucketBatchSampler:
         """Batches drawn from one bucket at a time, in an order fixed by (seed, epoch)."""

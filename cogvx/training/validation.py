@@ -31,7 +31,7 @@ def render_validation(config: Config, folder: Path, transformer, step: int, out_
     validate = config.validate_
     prepare_for_device(pipe, device, validate.offload, validate.vae_tiling)
     bucket = config.buckets[0]
-    fps = validate.fps or config.data.fps or spec.fps
+    fps = validate.fps or config.sample_fps or spec.fps
     written = []
     try:
         for index, prompt in enumerate(validate.prompts):

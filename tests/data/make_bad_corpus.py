@@ -96,6 +96,7 @@ def _datasets(root: Path) -> list[BadInput]:
                 long_caption: "characters; over 10,000 is refused", huge: "8640x8640 frames are larger than 8K",
                 traversal: "../../outside.mp4",
                 absolute: "outside.mp4"}
+    expected.update(_odd_datasets(root))
     cases = [BadInput(f"data/{folder.name}", ("data", "validate", f"data.data_root={folder}"), 4, message)
              for folder, message in expected.items()]
     secret = root / "data" / "secret.txt"
@@ -106,6 +107,31 @@ def _datasets(root: Path) -> list[BadInput]:
                                                       f"data.{key}={value}"), 2,
                               f"data.{key} = '{value}': must be a path inside data.data_root"))
     return cases
+
+
+def _odd_datasets(root: Path) -> dict[Path, str]:
+    """Data sets whose odd files must not crash, hang or print decoder noise: a symlink loop, a
+    FIFO listed as a clip, an audio-only mp4, a caption with a NUL, two listings in one folder."""
+    import os
+    import subprocess
+
+    import imageio_ffmpeg
+
+    loop = _dataset(root, "symlink-loop", ["a good clip", "loop"], ["videos/good.mp4", "videos/loop.mp4"])
+    (loop / "videos" / "loop.mp4").symlink_to("loop.mp4")
+    fifo = _dataset(root, "fifo-clip", ["a good clip", "pipe"], ["videos/good.mp4", "videos/pipe.mp4"])
+    os.mkfifo(fifo / "videos" / "pipe.mp4")
+    audio = _dataset(root, "audio-only", ["a good clip", "sound"], ["videos/good.mp4", "videos/sound.mp4"])
+    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-y", "-f", "lavfi", "-i",
+                    "sine=frequency=440:duration=1", "-c:a", "aac", str(audio / "videos" / "sound.mp4")],
+                   check=True, timeout=60)
+    nul = _dataset(root, "nul-caption", ["a good clip", "a\x00b"], ["videos/good.mp4", "videos/good.mp4"])
+    both = _dataset(root, "two-listings", ["a good clip"], ["videos/good.mp4"])
+    (both / "metadata.csv").write_text("caption,video\nother,videos/good.mp4\n", encoding="utf-8")
+    return {loop: "videos/loop.mp4: symlink loop", fifo: "videos/pipe.mp4: a named pipe (FIFO), not a video file",
+            audio: "videos/sound.mp4: not a readable video: no video stream (audio only)",
+            nul: "prompts.txt:2: caption (prompts.txt line) for videos/good.mp4 contains a control character",
+            both: "data.format: auto finds metadata.csv and prompts.txt + videos.txt"}
 
 
 class _Payload:
@@ -128,13 +154,15 @@ def _loras(root: Path, tiny_model: Path) -> list[BadInput]:
                "transformer.no_such_block.lora_B.weight": torch.zeros(32, 4)}, str(folder / "mismatch.safetensors"))
     (folder / "pickle.bin").write_bytes(pickle.dumps({"w": _Payload(str(folder / "CODE-RAN"))}))
     (folder / "truncated.safetensors").write_bytes((folder / "mismatch.safetensors").read_bytes()[:40])
+    (folder / "pickle-named.st").write_bytes(pickle.dumps({"w": _Payload(str(folder / "CODE-RAN"))}))
     other = {"format": "pt", "cogvx": json.dumps({"variant": "tiny-1.5-i2v", "base_model": "elsewhere"})}
     save_file({"transformer.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.zeros(4, 32)},
               str(folder / "other-base.safetensors"), metadata=other)
     generate = ("generate", "--prompt", "x", "--steps", "1", "--frames", "9", "--out", "outputs/never.mp4",
                 f"model.path={tiny_model}", "model.variant=tiny-t2v")
     expected = {"mismatch.safetensors": "does not fit this model", "pickle.bin": "not a readable safetensors",
-                "truncated.safetensors": "not a readable safetensors", "other-base.safetensors": "trained on tiny-1.5-i2v"}
+                "truncated.safetensors": "not a readable safetensors", "other-base.safetensors": "trained on tiny-1.5-i2v",
+                "pickle-named.st": "is not a readable safetensors LoRA file (it is a pickle"}
     return [BadInput(f"lora/{name}", (*generate, "--lora", str(folder / name)), 1, message)
             for name, message in expected.items()]
 
