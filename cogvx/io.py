@@ -1,4 +1,10 @@
-"""Atomic writes: a reader sees the old file (or folder) or the new one, never half of one."""
+"""Atomic writes: a reader sees the old file (or folder) or the new one, never half of one.
+
+Every write goes through a hidden temporary name beside its target that carries
+:data:`STAGING_MARK` (``.NAME.cogvx-staging-RANDOM``), so what a killed process left behind
+can be told apart from anything else and removed (:func:`remove_staging_leftovers`) by the
+next process that owns the folder.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,14 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
+
+STAGING_MARK = ".cogvx-staging-"  # in the name of every temporary file and staging folder
+
+
+def staging_prefix(target: Path) -> str:
+    """The start of the temporary names of writes to ``target``: hidden, beside it, marked."""
+    return f".{target.name}{STAGING_MARK}"
 
 
 @contextmanager
@@ -19,7 +32,7 @@ def atomic_file(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=staging_prefix(target), suffix=suffix, dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -35,7 +48,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty staging folder beside ``path``; on success it replaces ``path``."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    staging = Path(tempfile.mkdtemp(prefix=staging_prefix(target), dir=target.parent))
     try:
         yield staging
         os.chmod(staging, 0o777 & ~current_umask())
@@ -44,6 +57,37 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         staging.rename(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def is_staging_name(name: str, targets: Iterable[str] = ()) -> bool:
+    """Whether ``name`` is a temporary name of an atomic write: marked with :data:`STAGING_MARK`,
+    or ``.TARGET.RANDOM`` for one of ``targets`` (the unmarked names of earlier cogvx versions)."""
+    if not name.startswith("."):
+        return False
+    return STAGING_MARK in name or any(name.startswith(f".{target}.") for target in targets)
+
+
+def remove_staging_leftovers(folder: str | os.PathLike, targets: Iterable[str] = ()) -> list[Path]:
+    """Delete the temporary files and staging folders that atomic writes of dead processes left
+    directly in ``folder`` (see :func:`is_staging_name`); returns what was removed.
+
+    Only the folder's owner may call this (e.g. the holder of its run lock): a live writer's
+    staging folder looks just the same.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    targets = tuple(targets)
+    removed = []
+    for entry in sorted(folder.iterdir()):
+        if not is_staging_name(entry.name, targets):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+        removed.append(entry)
+    return removed
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:

@@ -175,3 +175,56 @@ def test_training_killed_at_a_random_moment_resumes_bit_identically(seed, prepar
     assert finished["steps"] == 30
     resumed = lora_tensors(out)
     assert all(torch.equal(straight_run[k], resumed[k]) for k in straight_run)
+    assert not hidden_leftovers(out)
+
+
+def hidden_leftovers(out: Path) -> list[Path]:
+    """Hidden files or folders anywhere in a run folder: staging a write never renamed, or a lock."""
+    return [p for p in out.rglob(".*")]
+
+
+# Runs `cogvx ARGS` and SIGKILLs it in the middle of checkpoint COGVX_TEST_KILL_IN's write: the
+# trainable weights are in the staging folder, the optimizer state and state.json not yet.
+KILL_IN_CHECKPOINT_WRITE = """
+import os, signal, sys
+import cogvx.training.checkpoint as checkpoint
+from cogvx.cli import main
+
+write = checkpoint.save_file
+
+def write_then_die(tensors, path):
+    write(tensors, path)
+    if os.environ["COGVX_TEST_KILL_IN"] in path:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+checkpoint.save_file = write_then_die
+sys.argv = ["cogvx", *sys.argv[1:]]
+main()
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_inside_a_checkpoint_write_leaves_nothing_behind(prepared, tmp_path):  # noqa: F811
+    """Killed inside the write of checkpoint 2, without a checkpoint limit: the staging folder
+    and the lock are left; the resumed run takes the lock over, removes the staging folder,
+    resumes from checkpoint 1 and finishes, and no hidden leftover remains."""
+    import os
+
+    out = tmp_path / "run"
+    settings = ("train.max_steps=4", "train.checkpointing_steps=1", "train.checkpoints_total_limit=null",
+                "validate.every_n_steps=0")
+    args = [*base_overrides(prepared), f"train.output_dir={out}", *settings]
+    killed = subprocess.run([sys.executable, "-c", KILL_IN_CHECKPOINT_WRITE, "train", *args], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "COGVX_TEST_KILL_IN": "checkpoint-000002"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    [staging] = [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".checkpoint-000002.")]
+    assert (staging / "trainable.safetensors").is_file() and (out / ".cogvx.lock").is_file()
+    resumed = subprocess.run([sys.executable, "-m", "cogvx", "train", *args, "--resume", "latest"], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "1000"})
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    said = " ".join(resumed.stdout.split())
+    assert f"taking over {out / '.cogvx.lock'}" in said and "removed 1 unfinished writes" in said, said[-2000:]
+    assert "resumed from" in said and "checkpoint-000001" in said
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == [f"checkpoint-{n:06d}" for n in (1, 2, 3, 4)]
+    assert not hidden_leftovers(out)

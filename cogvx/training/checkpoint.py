@@ -4,7 +4,9 @@ A checkpoint folder holds the trainable weights, the optimizer state (tensors in
 the rest in JSON), the LR scheduler state and the position in the data (random draws are a
 function of that position, so there is no RNG state to keep). It is
 written into a hidden staging folder and renamed into place, so ``latest`` never picks a
-half-written one; a folder without its ``state.json`` is skipped as torn.
+half-written one; a folder without its ``state.json`` is skipped as torn. The staging folders
+(and other temporary files) a killed run left in its run folder are removed by
+:func:`remove_dead_writes` when the next run takes the folder's lock.
 """
 
 from __future__ import annotations
@@ -20,10 +22,16 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from cogvx.errors import CogvxError
-from cogvx.io import atomic_directory
+from cogvx.io import atomic_directory, remove_staging_leftovers
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+# Staging folders of checkpoint writes: atomic_directory's (.checkpoint-N.cogvx-staging-X, or
+# .checkpoint-N.X before the mark) and the sharded writer's (.checkpoint-N.staging).
+CHECKPOINT_STAGING_PATTERN = re.compile(r"^\.checkpoint-\d+\..+$")
 STATE_FILE = "state.json"
+# What the run writes straight into its folder, for the unmarked temporary names of older versions.
+RUN_FOLDER_TARGETS = ("lora", "full", "report.json", "metrics.json", "resources.json", "curves.csv", "step_time.csv",
+                      "loss.csv", "cogvx-config.yaml")
 
 
 def checkpoint_dir(root: Path, step: int) -> Path:
@@ -37,6 +45,26 @@ def list_checkpoints(root: Path) -> list[Path]:
     found = [(int(m.group(1)), p) for p in Path(root).iterdir()
              if (m := CHECKPOINT_PATTERN.match(p.name)) and (p / STATE_FILE).is_file()]
     return [path for _, path in sorted(found)]
+
+
+def remove_dead_writes(out: Path) -> list[Path]:
+    """Delete what writes of dead runs left in run folder ``out``: checkpoint staging folders,
+    half-written final weights, reports and validation clips; returns what was removed.
+
+    Only the holder of the folder's run lock may call it (no other writer is alive then): a
+    live writer's staging folder looks the same as a dead one's.
+    """
+    out = Path(out)
+    root = out / "checkpoints"
+    removed = remove_staging_leftovers(out, RUN_FOLDER_TARGETS)
+    if root.is_dir():
+        for entry in sorted(root.iterdir()):
+            if CHECKPOINT_STAGING_PATTERN.match(entry.name) and entry.is_dir():
+                shutil.rmtree(entry)
+                removed.append(entry)
+    for folder in sorted((out / "validation").glob("step-*")):
+        removed += remove_staging_leftovers(folder)
+    return removed
 
 
 def read_fingerprint(path: Path) -> str | None:
