@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -20,7 +21,7 @@ from rich.table import Table
 
 from cogvx import __version__
 from cogvx.config import Config, load_config, schema_rows
-from cogvx.errors import CogvxError
+from cogvx.errors import CogvxError, CogvxWarning
 from cogvx.registry import REGISTRY, TINY_VARIANTS
 
 app = typer.Typer(
@@ -39,6 +40,8 @@ app.add_typer(registry_app, name="registry")
 bench_app = typer.Typer(help="Measure memory and speed of the project's own training, generation and prepare code at real size.",
                         no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
+tracking_app = typer.Typer(help="MLflow tracking: finish runs that could not reach the store.", no_args_is_help=True)
+app.add_typer(tracking_app, name="tracking")
 flow_app = typer.Typer(help="Run the whole pipeline as a Prefect flow, once or on a cron schedule.", no_args_is_help=True)
 app.add_typer(flow_app, name="flow")
 
@@ -218,7 +221,8 @@ def data_validate(
     from cogvx.data.dataset import apply_policy, validate_dataset
 
     with err.status(f"validating {config.data.data_root} ..."):
-        result = validate_dataset(config.data, min_frames=min(b.frames for b in config.buckets))
+        result = validate_dataset(config.data, min_frames=min(b.frames for b in config.buckets),
+                                  model_fps=config.spec.fps)
     kept = apply_policy(result, config.data.skip_invalid, report)
     dropped = len(result.samples) - len(kept)
     note = f", dropped {dropped} (report: {report})" if dropped and report else (f", dropped {dropped}" if dropped else "")
@@ -252,12 +256,37 @@ def data_download(overrides: OverridesArg = None, params: ParamsOption = None) -
     out.print(f"data set from {data.source} is in {root}")
 
 
+MetricsOption = Annotated[Optional[Path], typer.Option(
+    "--metrics", help="Folder for the metrics and curve files (DVC's metrics and plots); default: the run's own folder.",
+    show_default=False)]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print the summary as JSON instead of a table.")]
+
+
+def sampling_text(summary: dict) -> str:
+    """How prepare took frames from the clips, in words."""
+    mode, fps = summary.get("frame_sampling", "start"), summary.get("sample_fps")
+    how = ("evenly spaced over each whole clip" if mode == "evenly" else
+           f"a {'random' if mode == 'random' else 'start'} window at {fps} fps" if fps else
+           f"a {mode} window at each clip's own rate")
+    return f"{how}; {summary.get('clips_resampled', 0)} clips resampled, {summary.get('clips_cut', 0)} cut"
+
+
+def prepare_rows(summary: dict) -> list[tuple[str, str]]:
+    """What a person wants to know after `cogvx prepare`."""
+    return [("samples", f"{summary['samples']} ({summary['dropped']} dropped)"),
+            ("encoded now", f"{summary['videos_encoded']} clips, {summary['texts_encoded']} captions "
+                            f"({summary['skipped']} already encoded)"),
+            ("sampling", sampling_text(summary)),
+            ("speed", f"{summary['clips_per_second']:.3g} clips/s ({summary['seconds']:.1f} s)"),
+            ("peak memory", f"{summary['peak_memory_gib']:.2f} GiB ({summary['memory_kind']})")]
+
+
 @app.command("prepare")
 def prepare(
     overrides: OverridesArg = None, params: ParamsOption = None, skip_invalid: SkipInvalidOption = False,
     prune: Annotated[bool, typer.Option(help="Delete latent files the new manifest no longer uses.")] = False,
     summary: Annotated[Optional[Path], typer.Option(help="Also write the run summary (JSON) here.")] = None,
-    accelerate_config: AccelerateConfigOption = None,
+    accelerate_config: AccelerateConfigOption = None, metrics: MetricsOption = None, as_json: JsonOption = False,
 ) -> None:
     """Validate the data, then encode clips (VAE) and captions (T5) into latents + a manifest.
 
@@ -270,23 +299,57 @@ def prepare(
         return
     from cogvx.distributed import is_main_process
     from cogvx.io import atomic_write_text
-    from cogvx.prepare import run_prepare
+    from cogvx.prepare import run_prepare, write_prepare_metrics
 
-    result = run_prepare(config, prune=prune, log=out.print)
+    result = run_prepare(config, prune=prune, log=err.print if as_json else out.print)
     if not is_main_process():
         return
     text = json.dumps(result.as_dict(), indent=2)
     if summary is not None:
         atomic_write_text(summary, text + "\n")
-    out.print_json(text)
-    out.print(f"latents and manifest in {config.prepare.output_dir}")
+    if metrics is not None:
+        write_prepare_metrics(result, metrics)
+    if as_json:
+        print(text)
+    else:
+        print_summary(f"latents and manifest in {config.prepare.output_dir}", prepare_rows(result.as_dict()))
+
+
+def print_summary(title: str, rows: list[tuple[str, str]]) -> None:
+    """A short two-column table for people (``--json`` gives the machine-readable form)."""
+    out.print(title, highlight=False, soft_wrap=True)
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column("what", style="bold", no_wrap=True)
+    table.add_column("value", overflow="fold")
+    for name, value in rows:
+        table.add_row(name, value)
+    out.print(table)
+
+
+def training_rows(report: dict) -> list[tuple[str, str]]:
+    """What a person wants to know after `cogvx train`: where the weights are, loss, speed, memory, MLflow."""
+    timing, phases = report["timing"], report["memory"]["phases"]
+    peak = max((values["peak_allocated_gib"] for values in phases.values()), default=0.0)
+    rows = [("steps", f"{report['steps']}" + (f" (resumed at {report['resumed_from_step']})" if report.get("resumed_from_step") else "")),
+            ("final loss", f"{report['final_loss']:.6g}" if report["final_loss"] is not None else "none"),
+            ("weights", f"{report['weights']} ({report['method']})"),
+            ("speed", f"{timing['s_per_step']:.3f} s/step, {timing['samples_per_s']:.3g} samples/s"),
+            ("peak memory", f"{peak:.2f} GiB ({report['memory']['measure']})")]
+    tracking = report.get("tracking") or {}
+    if tracking.get("run_id"):
+        state = "complete" if tracking.get("complete") else "INCOMPLETE (see the warning above)"
+        rows.append(("MLflow run", f"{tracking['run_id']} ({state})"))
+    if tracking.get("registered"):
+        registered = tracking["registered"]
+        rows.append(("registered", f"{registered['name']} version {registered['version']}"))
+    return rows
 
 
 @app.command("train")
 def train(
     overrides: OverridesArg = None, params: ParamsOption = None,
     resume: Annotated[Optional[str], typer.Option(help="'latest' (the newest complete checkpoint, if any) or a checkpoint folder.")] = None,
-    accelerate_config: AccelerateConfigOption = None,
+    accelerate_config: AccelerateConfigOption = None, metrics: MetricsOption = None, as_json: JsonOption = False,
 ) -> None:
     """Fine-tune on the precomputed latents (LoRA or full); checkpoints, validation clips, a report.
 
@@ -299,10 +362,16 @@ def train(
     from cogvx.distributed import is_main_process
     from cogvx.training.loop import train as run_training
 
-    report = run_training(config, resume=resume, log=out.print)
-    if is_main_process():
-        summary = {key: report[key] for key in ("steps", "final_loss", "method", "weights", "processes", "timing", "memory")}
-        out.print_json(json.dumps(summary))
+    # With --json, standard output holds the JSON alone; progress and notices go to standard error.
+    report = run_training(config, resume=resume, log=err.print if as_json else out.print, metrics_dir=metrics)
+    if not is_main_process():
+        return
+    if as_json:
+        keys = ("steps", "final_loss", "method", "weights", "processes", "timing", "memory", "tracking")
+        print(json.dumps({key: report.get(key) for key in keys}, indent=1))
+    else:
+        rows = [*training_rows(report), ("report", str(Path(config.train.output_dir) / "report.json"))]
+        print_summary(f"trained {config.spec.key} ({config.train.method})", rows)
 
 
 @app.command("generate")
@@ -374,6 +443,19 @@ def registry_promote(
 
     done = promote(config.tracking.tracking_uri, name or config.tracking.registered_model, version, alias)
     out.print(f"{done['name']}@{done['alias']} -> version {done['version']}")
+
+
+@tracking_app.command("replay")
+def tracking_replay(overrides: OverridesArg = None, params: ParamsOption = None) -> None:
+    """Send what training could not send to MLflow (train.output_dir/mlflow-pending.jsonl), once the
+    store is back: metrics, artifacts, the run's true end, and the LoRA's registration."""
+    config = resolve_config(params, overrides)
+    from cogvx.runlock import run_lock
+    from cogvx.tracking import replay_pending
+
+    with run_lock(config.train.output_dir, "train.output_dir", log=out.print):
+        done = replay_pending(config, log=out.print)
+    out.print(f"{len(done)} run(s) sent to {config.tracking.tracking_uri}")
 
 
 @flow_app.command("run")
@@ -482,20 +564,45 @@ def doctor() -> None:
 
 
 # Import-time chatter of optional back-ends (missing CUDA kernels on a CPU machine, deprecation
-# notices) that says nothing a cogvx user can act on; real errors from them still show.
-NOISY_LOGGERS = ("torchao", "bitsandbytes", "torch.utils._pytree")
+# notices, diffusers' "Unable to import `torchao` Tensor objects" while torchao is installed, MLflow's
+# database set-up lines) that says nothing a cogvx user can act on; real errors from them still show.
+NOISY_LOGGERS = ("torchao", "bitsandbytes", "torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer",
+                 "mlflow.store.db.utils", "alembic")
+# The temporary Prefect server's telemetry heartbeat races the flow for its SQLite file and prints
+# "database is locked" tracebacks on runs that succeed.
+QUIET_ENV = {"MLFLOW_LOGGING_LEVEL": "WARNING", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+             "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
 
 
-def quiet_third_party_logs() -> None:
+def quiet_third_party_output() -> None:
+    """Keep the console for cogvx's own messages: third-party loggers at ERROR, MLflow's INFO lines
+    and download bars off, and progress bars of model loading only on a terminal."""
     import logging
+    import os
 
     for name in NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    if not sys.stderr.isatty():
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    warnings.showwarning = show_warning
+
+
+_plain_showwarning = warnings.showwarning
+
+
+def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """cogvx's own warnings (tracking trouble mid-run, ...) as one line; others as Python prints them."""
+    if issubclass(category, CogvxWarning):
+        err.print(f"[bold yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
+        return
+    _plain_showwarning(message, category, filename, lineno, file, line)
 
 
 def main() -> None:
     """Console-script entry point: user errors become one message and a non-zero exit code."""
-    quiet_third_party_logs()
+    quiet_third_party_output()
     try:
         result = app(standalone_mode=False)
     except CogvxError as error:

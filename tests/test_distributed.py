@@ -69,7 +69,7 @@ def files(folder: Path) -> dict[str, bytes]:
 def test_distributed_prepare_writes_the_files_one_process_writes(data):
     root = data["root"]
     cogvx("prepare", *common(data, root / "one"), cwd=root)
-    done = cogvx("prepare", "--accelerate-config", str(DDP_2), *common(data, root / "two"), cwd=root)
+    done = cogvx("prepare", "--json", "--accelerate-config", str(DDP_2), *common(data, root / "two"), cwd=root)
     summary = json.loads(done.stdout[done.stdout.index("{"):done.stdout.rindex("}") + 1])
     assert summary["processes"] == 2 and summary["videos_encoded"] == 4
     one, two = files(root / "one"), files(root / "two")
@@ -77,7 +77,7 @@ def test_distributed_prepare_writes_the_files_one_process_writes(data):
     manifest = lambda name: json.loads((root / name / "manifest.json").read_text())["entries"]  # noqa: E731
     assert manifest("one") == manifest("two")
     # A re-run on two processes (asked for in the config this time) finds everything done.
-    again = cogvx("prepare", f"prepare.accelerate_config={DDP_2}", *common(data, root / "two"), cwd=root)
+    again = cogvx("prepare", "--json", f"prepare.accelerate_config={DDP_2}", *common(data, root / "two"), cwd=root)
     assert '"videos_encoded": 0' in again.stdout and '"skipped": 4' in again.stdout
 
 

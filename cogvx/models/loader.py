@@ -136,7 +136,10 @@ def load_pipeline(source: str, spec: ModelSpec, dtype: torch.dtype = torch.float
     if transformer is not None:
         parts["transformer"] = load_transformer(str(transformer), spec, dtype=dtype)
     pipeline_cls = getattr(diffusers, index["_class_name"])
-    return pipeline_cls.from_pretrained(folder, dtype=dtype, **parts)
+    diffusers.utils.logging.disable_progress_bar()  # a bar per component: noise, the load takes seconds
+    pipe = pipeline_cls.from_pretrained(folder, dtype=dtype, **parts)
+    pipe.set_progress_bar_config(disable=None)  # the denoising bar on a terminal only, never in a log
+    return pipe
 
 
 def load_transformer(source: str, spec: ModelSpec, dtype: torch.dtype = torch.float32,

@@ -49,6 +49,7 @@ class TrainState:
     micro_batches: int = 0
     losses: list[tuple[int, float]] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)  # per optimizer step, across resumes
+    rates: list[tuple[int, float, float]] = field(default_factory=list)  # (step, lr used, grad norm)
 
 
 @contextmanager
@@ -379,7 +380,8 @@ def restore(run: Run, checkpoint: Path) -> None:
         load_trainable_state(run.model, tensors)
     progress = saved["progress"]
     run.state = TrainState(step=saved["step"], micro_batches=progress["micro_batches"],
-                           losses=[tuple(x) for x in progress["losses"]], seconds=progress.get("seconds", []))
+                           losses=[tuple(x) for x in progress["losses"]], seconds=progress.get("seconds", []),
+                           rates=[tuple(x) for x in progress.get("rates", [])])
 
 
 def checkpoint(run: Run) -> Path:
@@ -389,6 +391,7 @@ def checkpoint(run: Run) -> Path:
     from cogvx.training.sharded import save_sharded_checkpoint
 
     progress = {"micro_batches": run.state.micro_batches, "losses": run.state.losses, "seconds": run.state.seconds,
+                "rates": run.state.rates,
                 "fingerprint": fingerprint(run.config, run.dataset.manifest)}
     limit = run.config.train.checkpoints_total_limit
     if run.accelerator.distributed_type in SHARDED_TYPES:
@@ -432,11 +435,13 @@ def optimizer_step(run: Run, batches: Iterator, scaling: float) -> tuple[float, 
     loss = mean_across_processes(run.accelerator, loss)
     norm = run.accelerator.clip_grad_norm_(run.transformer.parameters(), run.config.train.max_grad_norm)
     grad_norm = float(norm) if norm is not None else float("nan")  # DeepSpeed clips inside its engine
+    lr = run.lr_scheduler.get_last_lr()[0]
     run.optimizer.step()
     run.lr_scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.state.step += 1
     run.state.losses.append((run.state.step, round(loss, 6)))
+    run.state.rates.append((run.state.step, lr, round(grad_norm, 6)))
     return loss, grad_norm
 
 
@@ -462,27 +467,24 @@ def validate(run: Run, meter: MemoryMeter) -> list[Path]:
     return written or []
 
 
-def training_loop(run: Run, meter: MemoryMeter, on_step=None) -> None:
+def training_loop(run: Run, meter: MemoryMeter, on_step=None, log=print) -> None:
     """Steps until the end (or a stop request); checkpoints and validation on schedule."""
-    from tqdm.auto import tqdm
+    from cogvx.training.progress import StepProgress
 
     train, every = run.config.train, run.config.validate_.every_n_steps
     scaling = run.dataset.manifest["model"]["vae_scaling_factor"]
     batches = batches_from(run.dataset, run.sampler, run.state.micro_batches,
                            run.accelerator.process_index, run.accelerator.num_processes)
     seconds = run.state.seconds
-    with stop_requests() as stop, tqdm(total=run.steps, initial=run.state.step, unit="step", desc="training",
-                                       disable=None if run.is_main else True) as bar:
+    with stop_requests() as stop, StepProgress(run.steps, run.state.step, log=log, enabled=run.is_main) as progress:
         while run.state.step < run.steps:
             started = time.perf_counter()
             loss, grad_norm = optimizer_step(run, batches, scaling)
             seconds.append(time.perf_counter() - started)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{run.lr_scheduler.get_last_lr()[0]:.2e}",
-                            grad=f"{grad_norm:.3f}", s_step=f"{seconds[-1]:.2f}")
-            step = run.state.step
+            step, lr = run.state.step, run.state.rates[-1][1]
+            progress.update(step, loss, lr, grad_norm, seconds[-1])
             if on_step is not None and run.is_main:
-                on_step(step, loss, run.lr_scheduler.get_last_lr()[0], grad_norm, seconds[-1])
+                on_step(step, loss, lr, grad_norm, seconds[-1])
             stopping = stop_requested_anywhere(run.accelerator, bool(stop))
             if step % train.checkpointing_steps == 0 or step == run.steps or stopping:
                 checkpoint(run)
@@ -503,7 +505,26 @@ def stop_requested_anywhere(accelerator, here: bool) -> bool:
     return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
 
 
-def train(config: Config, resume: str | None = None, log=print, on_step=None) -> dict[str, Any]:
+def train(config: Config, resume: str | None = None, log=print, on_step=None,
+          metrics_dir: Path | None = None) -> dict[str, Any]:
+    """:func:`tracked_train` holding train.output_dir's run lock, after removing what dead runs
+    left there. The main process takes it (once per launch) before tracking starts, so a second
+    writer is refused before it creates an MLflow run."""
+    from cogvx.distributed import is_main_process
+    from cogvx.runlock import run_lock
+    from cogvx.training.checkpoint import remove_dead_writes
+
+    if not is_main_process():
+        return tracked_train(config, resume, log, on_step, metrics_dir)
+    out = Path(config.train.output_dir)
+    with run_lock(out, "train.output_dir", log=log):
+        if removed := remove_dead_writes(out):
+            log(f"removed {len(removed)} unfinished writes of an earlier run (e.g. {removed[0]})")
+        return tracked_train(config, resume, log, on_step, metrics_dir)
+
+
+def tracked_train(config: Config, resume: str | None = None, log=print, on_step=None,
+                  metrics_dir: Path | None = None) -> dict[str, Any]:
     """Run (or resume) a fine-tune, tracked in MLflow when tracking.enabled; returns the report.
 
     The tracking store is checked before any model loads (a dead server fails the run at once);
@@ -523,7 +544,7 @@ def train(config: Config, resume: str | None = None, log=print, on_step=None) ->
             on_step(*figures)
 
     try:
-        report = _train(config, resume, log, on_step=step_done)
+        report = _train(config, resume, log, on_step=step_done, metrics_dir=metrics_dir)
     except TrainingInterrupted as err:
         tracker.fail(str(err), status="KILLED")
         raise
@@ -539,8 +560,10 @@ def train(config: Config, resume: str | None = None, log=print, on_step=None) ->
     return report
 
 
-def _train(config: Config, resume: str | None = None, log=print, on_step=None) -> dict[str, Any]:
-    """The training run itself; writes output_dir/report.json, metrics.json and loss.csv."""
+def _train(config: Config, resume: str | None = None, log=print, on_step=None,
+           metrics_dir: Path | None = None) -> dict[str, Any]:
+    """The training run itself; writes output_dir/report.json and the metrics files
+    (:func:`write_metrics`) into ``metrics_dir`` (default: output_dir)."""
     out = Path(config.train.output_dir)
     started = time.perf_counter()
     meter = MemoryMeter(torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
@@ -558,7 +581,7 @@ def _train(config: Config, resume: str | None = None, log=print, on_step=None) -
     if run.is_main:
         write_resolved_config(config, out)
     meter.start("train")
-    training_loop(run, meter, on_step)
+    training_loop(run, meter, on_step, log)
     meter.stop("train")
     samples = validate(run, meter)
     info = {"base_model": config.model_source, "variant": config.spec.key, "steps": run.state.step,
@@ -575,7 +598,7 @@ def _train(config: Config, resume: str | None = None, log=print, on_step=None) -
 
     def write() -> None:
         atomic_write_text(out / "report.json", json.dumps(report, indent=1) + "\n")
-        write_metrics(report, out)
+        write_metrics(report, run.state, Path(metrics_dir) if metrics_dir else out)
 
     main_process_then_meet(run, write)
     return report
@@ -603,11 +626,29 @@ def replica_digests(run: Run) -> list[str] | None:
     return digests
 
 
-def write_metrics(report: dict[str, Any], out: Path) -> None:
-    """Flat metrics (final loss, peak memory, s/step) and the loss curve, for DVC and dashboards."""
+def write_metrics(report: dict[str, Any], state: TrainState, out: Path) -> None:
+    """The run's figures for DVC and dashboards, in four files under ``out``.
+
+    metrics.json (final loss, steps) and curves.csv (loss, lr and grad norm per step) depend only
+    on the data and the config: an identical re-run writes the same bytes. What depends on the
+    machine and the moment goes to resources.json (s/step, samples/s, peak memory per phase) and
+    step_time.csv (seconds per step).
+    """
     phases = report["memory"]["phases"]
-    metrics = {"final_loss": report["final_loss"], "steps": report["steps"], **report["timing"],
-               **{f"{phase}_peak_allocated_gib": values["peak_allocated_gib"] for phase, values in phases.items()},
-               **{f"{phase}_peak_reserved_gib": values["peak_reserved_gib"] for phase, values in phases.items()}}
+    metrics = {"final_loss": report["final_loss"], "steps": report["steps"]}
+    resources = {**report["timing"], "setup_s": report["setup_s"],
+                 **{f"{phase}_peak_allocated_gib": values["peak_allocated_gib"] for phase, values in phases.items()},
+                 **{f"{phase}_peak_reserved_gib": values["peak_reserved_gib"] for phase, values in phases.items()}}
+    by_step = {step: (lr, grad) for step, lr, grad in state.rates}
+    curve_rows = "".join(f"{step},{loss},{_csv_number(by_step.get(step, (None, None))[0])},"
+                         f"{_csv_number(by_step.get(step, (None, None))[1])}\n" for step, loss in state.losses)
+    time_rows = "".join(f"{step},{seconds:.4f}\n" for step, seconds in enumerate(state.seconds, start=1))
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1) + "\n")
-    atomic_write_text(out / "loss.csv", "step,loss\n" + "".join(f"{step},{loss}\n" for step, loss in report["losses"]))
+    atomic_write_text(out / "resources.json", json.dumps(resources, indent=1) + "\n")
+    atomic_write_text(out / "curves.csv", "step,loss,lr,grad_norm\n" + curve_rows)
+    atomic_write_text(out / "step_time.csv", "step,s_per_step\n" + time_rows)
+
+
+def _csv_number(value: float | None) -> str:
+    """A CSV cell: empty for a value not recorded (a checkpoint of an older version), else repr."""
+    return "" if value is None else repr(float(value))
