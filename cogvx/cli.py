@@ -46,8 +46,8 @@ flow_app = typer.Typer(help="Run the whole pipeline as a Prefect flow, once or o
 app.add_typer(flow_app, name="flow")
 
 # Piped output gets a wide table instead of rich's 80-column default.
-out = Console(width=None if sys.stdout.isatty() else 160)
-err = Console(stderr=True)
+out = Console(width=None if sys.stdout.isatty() else 160, soft_wrap=not sys.stdout.isatty())
+err = Console(stderr=True, soft_wrap=not sys.stderr.isatty())
 
 DEFAULT_PARAMS = Path("params.yaml")
 ParamsOption = Annotated[Optional[Path], typer.Option(

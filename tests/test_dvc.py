@@ -57,7 +57,7 @@ def test_repro_builds_everything_and_a_second_repro_does_nothing(project):
     for path in ("models/tiny-t2v/model_index.json", "data/raw/prompts.txt", "data/latents/manifest.json",
                  "outputs/train/lora/pytorch_lora_weights.safetensors", "outputs/samples/sample.mp4"):
         assert (project / path).is_file(), path
-    metrics = json.loads((project / "outputs/train/metrics.json").read_text())
+    metrics = json.loads((project / "metrics/train/metrics.json").read_text())
     assert metrics["steps"] == 6 and metrics["final_loss"] > 0
     again = dvc("repro", cwd=project)
     assert "Data and pipelines are up to date" in again.stdout
@@ -79,12 +79,56 @@ def test_a_training_param_reruns_only_training_and_generation(project):
         dvc("repro", cwd=project)
 
 
-def test_experiment_with_a_changed_rank(project):
+def metric_sets(shown) -> list[dict]:
+    """Every revision's metrics in `dvc exp show --json` output, flattened to {file: {name: value}}."""
+    found = []
+    if isinstance(shown, dict):
+        if isinstance(shown.get("metrics"), dict):
+            found.append({name: entry.get("data", {}) for name, entry in shown["metrics"].items()})
+        for value in shown.values():
+            found += metric_sets(value)
+    elif isinstance(shown, list):
+        for value in shown:
+            found += metric_sets(value)
+    return found
+
+
+def test_experiment_with_a_changed_rank_shows_metrics_and_curves_of_both(project, tmp_path):
     git("add", "-A", cwd=project)
     git("commit", "-qm", "lock", cwd=project)
-    dvc("exp", "run", "-S", "train.lora.rank=8", "-S", "train.lora.alpha=8", cwd=project)
-    shown = dvc("exp", "show", "--json", cwd=project).stdout
-    assert '"rank": 8' in shown.replace(" ", "").replace('"rank":8', '"rank": 8')
+    dvc("exp", "run", "-n", "rank8", "-S", "train.lora.rank=8", "-S", "train.lora.alpha=8", cwd=project)
+    shown = json.loads(dvc("exp", "show", "--json", cwd=project).stdout)
+    assert '"rank": 8' in json.dumps(shown)
+    revisions = [m for m in metric_sets(shown) if m]
+    assert len(revisions) >= 2, shown  # the commit and the experiment
+    for metrics in revisions:
+        assert metrics["metrics/train/metrics.json"]["final_loss"] > 0
+        assert metrics["metrics/train/resources.json"]["s_per_step"] > 0
+        assert "train_peak_allocated_gib" in metrics["metrics/train/resources.json"]
+        assert metrics["metrics/prepare/metrics.json"]["samples"] == 3
+        assert metrics["metrics/prepare/resources.json"]["clips_per_second"] > 0
+    losses = {m["metrics/train/metrics.json"]["final_loss"] for m in revisions}
+    assert len(losses) == 2  # rank 8 trains differently
+    diff = json.loads(dvc("exp", "diff", "HEAD", "rank8", "--json", cwd=project).stdout)
+    assert "metrics/train/metrics.json" in diff["metrics"] and "train.lora.rank" in json.dumps(diff["params"])
+    dvc("plots", "diff", "HEAD", "rank8", "-o", str(tmp_path / "plots"), cwd=project)
+    page = (tmp_path / "plots" / "index.html").read_text()
+    for title in ("training loss", "learning rate", "gradient norm", "seconds per step"):
+        assert title in page
+
+
+def test_an_identical_rerun_writes_the_same_bytes(project):
+    """Training and prepare again from nothing give byte-identical tracked files: DVC sees no change."""
+    tracked = ["outputs/train/lora/pytorch_lora_weights.safetensors", "metrics/train/metrics.json",
+               "metrics/train/curves.csv", "data/latents/manifest.json", "metrics/prepare/metrics.json"]
+    before = {name: (project / name).read_bytes() for name in tracked}
+    shutil.rmtree(project / "data" / "latents")
+    shutil.rmtree(project / "outputs" / "train")
+    dvc("repro", "--force", "--single-item", "prepare", cwd=project)
+    dvc("repro", "--force", "--single-item", "train", cwd=project)
+    changed = [name for name in tracked if (project / name).read_bytes() != before[name]]
+    assert not changed, changed
+    assert "up to date" in dvc("status", cwd=project).stdout
 
 
 def test_push_then_pull_restores_data_and_latents_on_a_fresh_clone(project, tmp_path):
@@ -101,7 +145,11 @@ def test_push_then_pull_restores_data_and_latents_on_a_fresh_clone(project, tmp_
         p.name for p in (project / "data/raw/videos").iterdir())
 
 
-def test_plots_render_without_a_cdn(project, tmp_path):
+def test_plots_render_without_a_cdn_and_leave_no_untracked_file(project, tmp_path):
     dvc("plots", "show", "-o", str(tmp_path / "plots"), cwd=project)
     page = (tmp_path / "plots" / "index.html").read_text()
     assert "<script src=" not in page and "vegaEmbed" in page and "training loss" in page
+    dvc("plots", "show", cwd=project)  # into the project's own dvc_plots/
+    untracked = [line for line in git("status", "--porcelain", "--untracked-files=all", cwd=project).stdout.splitlines()
+                 if line.startswith("??")]
+    assert not untracked, untracked
