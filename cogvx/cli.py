@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sys
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -458,17 +459,50 @@ def tracking_replay(overrides: OverridesArg = None, params: ParamsOption = None)
     out.print(f"{len(done)} run(s) sent to {config.tracking.tracking_uri}")
 
 
+@contextmanager
+def prefect_errors():
+    """Prefect's own start-up failures as a message with what to do (the flow's errors pass as they are)."""
+    try:
+        yield
+    except RuntimeError as error:
+        if "Prefect API server" not in str(error):
+            raise
+        raise CogvxError(f"{error} The temporary Prefect server did not answer in time (its first start sets up "
+                         "its database): raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS (cogvx's default "
+                         "is 120), or start a server with `prefect server start` and set PREFECT_API_URL") from None
+
+
+def flow_rows(summary: dict) -> list[tuple[str, str]]:
+    """What a person wants to know after a flow run."""
+    trained, rows = summary["train"], []
+    rows.append(("trained", f"{trained['steps']} steps, final loss {trained['final_loss']}"
+                 + (f" (resumed from a checkpoint at step {trained['recovered_steps']})" if trained.get("recovered_steps") else "")))
+    rows.append(("weights", str(trained["weights"])))
+    rows.append(("sample clip", str(summary["render"])))
+    registered = summary.get("register") or {}
+    if isinstance(registered, dict) and registered.get("version"):
+        rows.append(("registered", f"{registered.get('name')} version {registered['version']}"))
+    if trained.get("run_id"):
+        rows.append(("MLflow run", str(trained["run_id"])))
+    return rows
+
+
 @flow_app.command("run")
 def flow_run(
     overrides: OverridesArg = None, params: ParamsOption = None,
     out_dir: Annotated[Path, typer.Option("--out", help="Folder for the flow's sample clip.")] = Path("outputs/samples"),
+    as_json: JsonOption = False,
 ) -> None:
     """Run download -> validate -> prepare -> train -> render -> register under Prefect (no server needed)."""
     resolve_config(params, overrides)  # a bad config fails here, before Prefect starts
     from flows.finetune import finetune
 
-    summary = finetune(params=params_path(params), overrides=list(overrides or []), out_dir=str(out_dir))
-    print(json.dumps(summary, indent=2, default=str))
+    with prefect_errors():
+        summary = finetune(params=params_path(params), overrides=list(overrides or []), out_dir=str(out_dir))
+    if as_json:
+        print(json.dumps(summary, indent=2, default=str))
+    else:
+        print_summary("flow run completed", flow_rows(summary))
 
 
 @flow_app.command("serve")
@@ -482,7 +516,8 @@ def flow_serve(
     resolve_config(params, overrides)
     from flows.finetune import serve
 
-    serve(cron=cron, name=name, params=params_path(params), overrides=list(overrides or []), out_dir=str(out_dir))
+    with prefect_errors():
+        serve(cron=cron, name=name, params=params_path(params), overrides=list(overrides or []), out_dir=str(out_dir))
 
 
 @bench_app.command("run")
@@ -571,7 +606,9 @@ NOISY_LOGGERS = ("torchao", "bitsandbytes", "torch.utils._pytree", "diffusers.qu
 # The temporary Prefect server's telemetry heartbeat races the flow for its SQLite file and prints
 # "database is locked" tracebacks on runs that succeed.
 QUIET_ENV = {"MLFLOW_LOGGING_LEVEL": "WARNING", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
-             "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+             # The temporary server's first start migrates its database: Prefect's 20 s is too short
+             "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}
 
 
 def quiet_third_party_output() -> None:
