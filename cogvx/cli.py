@@ -602,7 +602,7 @@ def doctor() -> None:
 # notices, diffusers' "Unable to import `torchao` Tensor objects" while torchao is installed, MLflow's
 # database set-up lines) that says nothing a cogvx user can act on; real errors from them still show.
 NOISY_LOGGERS = ("torchao", "bitsandbytes", "torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer",
-                 "mlflow.store.db.utils", "alembic")
+                 "mlflow.store.db.utils", "alembic", "urllib3.connectionpool")
 # The temporary Prefect server's telemetry heartbeat races the flow for its SQLite file and prints
 # "database is locked" tracebacks on runs that succeed.
 QUIET_ENV = {"MLFLOW_LOGGING_LEVEL": "WARNING", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",

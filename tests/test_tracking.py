@@ -323,8 +323,9 @@ def test_server_killed_mid_run_loses_nothing(doomed_server, trained, tmp_path):
     with pytest.warns(TrackingWarning, match="incomplete"):
         result = tracker.finish(trained["report"], trained["paths"]["out"])
     assert result["run_id"] == tracker.run_id and not result["complete"]
-    keys = {json.loads(line)["key"] for line in (out / PENDING_FILE).read_text().splitlines()}
-    assert {"final_loss", "memory/train/peak_allocated_gib", "train/loss"} <= keys
+    records = [json.loads(line) for line in (out / PENDING_FILE).read_text().splitlines()]
+    assert {"final_loss", "memory/train/peak_allocated_gib", "train/loss"} <= {r.get("key") for r in records}
+    assert [r["end"]["status"] for r in records if "end" in r] == ["FINISHED"]  # for `cogvx tracking replay`
 
 
 # ----------------------------------------------------------------------------- local stores
