@@ -457,12 +457,18 @@ class RunTracker:
         return tracker
 
 
-def _line_run_id(line: str) -> str | None:
-    """The run a pending-file line belongs to; None for a line torn by a crash (it is kept)."""
+def _pending_record(line: str) -> dict[str, Any] | None:
+    """One pending-file line; None for a line torn by a crash or not cogvx's (it cannot be sent)."""
     try:
-        return json.loads(line).get("run_id")
+        record = json.loads(line)
     except ValueError:
         return None
+    return record if isinstance(record, dict) and record.get("run_id") else None
+
+
+def _line_run_id(line: str) -> str | None:
+    """The run a pending-file line belongs to; None for a torn line (it is kept)."""
+    return (_pending_record(line) or {}).get("run_id")
 
 
 def _validation_path(video: Path, output_dir: Path) -> str:
@@ -692,13 +698,8 @@ def read_pending(path: Path) -> dict[str, dict[str, Any]]:
     """The pending file's lines by run: {"metrics": [line, ...], "end": {...} or None}. Lines torn
     by a crash are left out (they cannot be sent)."""
     runs: dict[str, dict[str, Any]] = {}
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if not isinstance(record, dict) or not record.get("run_id"):
-            continue
+    records = (_pending_record(line) for line in Path(path).read_text(encoding="utf-8").splitlines())
+    for record in filter(None, records):
         run = runs.setdefault(record["run_id"], {"metrics": [], "end": None})
         if "end" in record:
             run["end"] = record["end"]
