@@ -243,6 +243,14 @@ def _plain_decoder_message(error: BaseException, printed: list[str]) -> str:
     return message
 
 
+def require_regular_file(path: Path) -> None:
+    """VideoError with :func:`file_problem`'s reason unless ``path`` is a readable regular file
+    (so that no decoder ever opens a FIFO, a device or a folder)."""
+    problem = file_problem(path)
+    if problem:
+        raise VideoError(f"{path}: {problem}")
+
+
 def probe_video(path: str | Path) -> VideoInfo:
     """Frame count, frame rate and size of a clip; VideoError when it cannot be decoded.
 
@@ -252,9 +260,7 @@ def probe_video(path: str | Path) -> VideoInfo:
     import decord
 
     path = Path(path)
-    problem = file_problem(path)
-    if problem:
-        raise VideoError(f"{path}: {problem}")
+    require_regular_file(path)
     with decoder_stderr() as printed:
         try:
             reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
@@ -365,9 +371,7 @@ def read_frames(path: str | Path, indices: list[int]) -> torch.Tensor:
     path = Path(path)
     if not indices:
         raise ValueError(f"{path}: no frame indices to read")
-    problem = file_problem(path)
-    if problem:
-        raise VideoError(f"{path}: {problem}")
+    require_regular_file(path)
     with decoder_stderr() as printed:
         try:
             reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
