@@ -18,7 +18,7 @@ import torch
 
 from cogvx.io import atomic_write_text
 from cogvx.models.build import build_text_encoder, build_transformer, build_vae
-from cogvx.registry import REAL_VARIANTS, get_spec
+from cogvx.models.specs import REAL_VARIANTS, get_spec
 
 GIB = 2**30
 

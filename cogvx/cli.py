@@ -23,7 +23,7 @@ from rich.table import Table
 from cogvx import __version__
 from cogvx.config import Config, load_config, schema_rows
 from cogvx.errors import CogvxError, CogvxWarning
-from cogvx.registry import REGISTRY, TINY_VARIANTS
+from cogvx.models.specs import REGISTRY, TINY_VARIANTS
 
 app = typer.Typer(
     name="cogvx",
@@ -219,7 +219,7 @@ def data_validate(
 ) -> None:
     """Check every sample of the data set (files, captions, clips) and report all problems at once."""
     config = resolve_config(params, _with_skip_invalid(overrides, skip_invalid))
-    from cogvx.data.dataset import apply_policy, validate_dataset
+    from cogvx.data.validation import apply_policy, validate_dataset
 
     with err.status(f"validating {config.data.data_root} ..."):
         result = validate_dataset(config.data, min_frames=min(b.frames for b in config.buckets),

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from cogvx.errors import ConfigError
 from cogvx.io import atomic_write_text
-from cogvx.registry import REGISTRY, get_spec, resolve_key
+from cogvx.models.specs import REGISTRY, get_spec, resolve_key
 
 RESOLVED_CONFIG_NAME = "cogvx-config.yaml"
 MAX_PARAMS_BYTES = 1 << 20

@@ -28,7 +28,7 @@ def pytest_collection_modifyitems(config, items):
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """All four tiny variants, built and saved once for the whole session."""
     from cogvx.models.build import save_tiny_pipeline
-    from cogvx.registry import TINY_VARIANTS
+    from cogvx.models.specs import TINY_VARIANTS
 
     root = tmp_path_factory.mktemp("tiny-models")
     return {variant: save_tiny_pipeline(variant, root / variant) for variant in TINY_VARIANTS}

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from cogvx.config import load_config, schema_rows
-from cogvx.registry import REGISTRY
+from cogvx.models.specs import REGISTRY
 
 REPO = Path(__file__).resolve().parents[1]
 COMMANDS = (["config", "show"], ["config", "schema"], ["models"], ["doctor"],

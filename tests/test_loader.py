@@ -11,7 +11,7 @@ import pytest
 from cogvx.errors import ConfigError, ModelNotAvailableError
 from cogvx.hub import is_hub_id
 from cogvx.models.loader import load_pipeline, resolve_source
-from cogvx.registry import get_spec
+from cogvx.models.specs import get_spec
 
 FAKE_COMMIT = "0123456789abcdef0123456789abcdef01234567"
 

@@ -13,7 +13,7 @@ from cogvx.models.build import build_pipeline, save_tiny_pipeline
 from cogvx.models.loader import load_pipeline, load_transformer
 from cogvx.models.tokenizer import MAX_TEXT_TOKENS
 from cogvx.errors import CogvxError
-from cogvx.registry import TINY_VARIANTS, get_spec
+from cogvx.models.specs import TINY_VARIANTS, get_spec
 
 LAYOUT = {"model_index.json", "transformer", "vae", "text_encoder", "tokenizer", "scheduler"}
 

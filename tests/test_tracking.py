@@ -261,7 +261,7 @@ def registered(logged_run, trained) -> dict:
 def test_register_promote_and_fetch_by_alias(registered, logged_run, server, trained, tmp_path, tiny_models):
     from cogvx.generate import attach_lora
     from cogvx.models.loader import load_pipeline
-    from cogvx.registry import get_spec
+    from cogvx.models.specs import get_spec
 
     weights = Path(trained["report"]["weights"])
     assert (registered["name"], registered["version"]) == (REGISTERED, "1")

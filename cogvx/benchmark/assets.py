@@ -17,7 +17,7 @@ import torch
 
 from cogvx.config import Config
 from cogvx.io import atomic_directory, atomic_write_text
-from cogvx.registry import ModelSpec
+from cogvx.models.specs import ModelSpec
 
 WEIGHTS_MARKER = ".cogvx-bench-weights"
 BENCH_CAPTION = "a red circle moving left to right on a blue background"

@@ -135,7 +135,7 @@ SUITES: dict[str, tuple[Case, ...]] = {"issue7": ISSUE7, "issue10": ISSUE10, "sm
 def check_runnable(cases: list[Case], cuda_available: bool) -> None:
     """Real-size cases need a CUDA GPU (a 5b model in fp32 on a CPU would take 20+ GiB of RAM)."""
     from cogvx.errors import CogvxError
-    from cogvx.registry import get_spec
+    from cogvx.models.specs import get_spec
 
     real = [case.name for case in cases if not get_spec(case.variant).tiny]
     if real and not cuda_available:

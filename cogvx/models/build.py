@@ -26,7 +26,7 @@ from cogvx.errors import CogvxError
 from cogvx.io import atomic_directory
 from cogvx.models import architectures as arch
 from cogvx.models.tokenizer import train_t5_tokenizer
-from cogvx.registry import ModelSpec, get_spec
+from cogvx.models.specs import ModelSpec, get_spec
 
 PIPELINES = {"t2v": CogVideoXPipeline, "i2v": CogVideoXImageToVideoPipeline}
 

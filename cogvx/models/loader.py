@@ -17,7 +17,7 @@ import torch
 
 from cogvx.errors import ConfigError, ModelNotAvailableError
 from cogvx.hub import HUB_PROBE_TIMEOUT_S, hub_reachable, is_hub_id
-from cogvx.registry import ModelSpec
+from cogvx.models.specs import ModelSpec
 
 # Pipelines this project loads; model_index.json naming anything else is refused, since
 # from_pretrained would import whatever class a stranger's folder names.

@@ -1,4 +1,4 @@
-"""The registry of model specs: what cogvx knows about each CogVideoX checkpoint.
+"""Model specs: what cogvx knows about each CogVideoX checkpoint.
 
 A spec holds the facts a user picks a model by and that are checked before any weights are
 loaded (task, default clip geometry, frame rule, LoRA targets). Architecture facts used at run

@@ -1,4 +1,4 @@
-"""The model registry and the real-size architectures it describes."""
+"""Model specs (cogvx.models.specs) and the real-size architectures they describe."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 
 from cogvx.errors import ConfigError
 from cogvx.models.build import build_text_encoder, build_transformer, build_vae
-from cogvx.registry import REAL_VARIANTS, REGISTRY, TINY_VARIANTS, get_spec, resolve_key
+from cogvx.models.specs import REAL_VARIANTS, REGISTRY, TINY_VARIANTS, get_spec, resolve_key
 
 # Published parameter counts (shared/reference/cogvideox-models.md).
 PARAMS_2B = 1_693_783_872
