@@ -398,7 +398,7 @@ def prepare_latents(config: Config, prune: bool = False, log=print) -> PrepareSu
     clips and captions into the shared folders (files are named by content, so shares never
     collide); the main process checks that every planned file is there and writes the manifest.
     """
-    from cogvx.data.dataset import apply_policy, validate_dataset
+    from cogvx.data.validation import apply_policy, validate_dataset
     from cogvx.distributed import Processes, shard
     from cogvx.models.loader import resolve_source
 

@@ -53,7 +53,7 @@ def fail_once(task_name: str, step: int | None = None) -> None:
 def worth_retrying(task: Any, task_run: Any, state: Any) -> bool:
     """Prefect ``retry_condition_fn``: retry unless the error is a config or data-set error, or
     another run holds the output folder (a retry seconds later would meet it again)."""
-    from cogvx.data.dataset import DataValidationError
+    from cogvx.data.validation import DataValidationError
     from cogvx.errors import ConfigError
     from cogvx.runlock import FolderInUseError
 

@@ -50,7 +50,7 @@ def validate(params: str | None, overrides: list[str]) -> dict[str, Any]:
     was dropped to ``prepare.output_dir/dropped.json`` (where `cogvx prepare` writes it too).
     """
     fail_once("validate")
-    from cogvx.data.dataset import apply_policy, validate_dataset
+    from cogvx.data.validation import apply_policy, validate_dataset
 
     config = load_config(params, overrides)
     report = validate_dataset(config.data, min_frames=min(b.frames for b in config.buckets))

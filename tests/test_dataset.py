@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from cogvx.config import DataConfig
-from cogvx.data.dataset import (DataValidationError, Problem, Sample, ValidationReport,
-                                apply_policy, read_samples, validate_dataset)
+from cogvx.data.listing import Problem, Sample, read_samples
+from cogvx.data.validation import DataValidationError, ValidationReport, apply_policy, validate_dataset
 from cogvx.errors import CogvxError
 
 FRAMES = 20

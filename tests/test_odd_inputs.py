@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from cogvx.config import DataConfig
-from cogvx.data.dataset import apply_policy, read_samples, validate_dataset
+from cogvx.data.listing import read_samples
+from cogvx.data.validation import apply_policy, validate_dataset
 from cogvx.data.video import VideoError, probe_video, read_frames
 from cogvx.errors import CogvxError
 
@@ -295,8 +296,8 @@ def lora(tiny_models, tmp_path_factory) -> Path:
     import torch
 
     from cogvx.models.loader import load_pipeline
-    from cogvx.registry import get_spec
-    from cogvx.training.lora import add_lora, save_lora
+    from cogvx.models.specs import get_spec
+    from cogvx.models.lora import add_lora, save_lora
 
     pipe = load_pipeline(str(tiny_models["tiny-t2v"]), get_spec("tiny-t2v"))
     add_lora(pipe.transformer, rank=4, alpha=8, target_modules=["to_q", "to_k", "to_v"])
@@ -311,7 +312,7 @@ def lora(tiny_models, tmp_path_factory) -> Path:
 def test_lora_with_any_name_is_loaded_as_safetensors(lora, tiny_models, run_cli, tmp_path):
     from cogvx.generate import attach_lora
     from cogvx.models.loader import load_pipeline
-    from cogvx.registry import get_spec
+    from cogvx.models.specs import get_spec
 
     odd = tmp_path / "x.st"
     shutil.copyfile(lora, odd)

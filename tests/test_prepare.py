@@ -16,7 +16,7 @@ import torch
 
 from cogvx.config import load_config
 from cogvx.data.buckets import Bucket
-from cogvx.data.dataset import DataValidationError
+from cogvx.data.validation import DataValidationError
 from cogvx.data.latents import LatentDataset, LatentsError, read_manifest, sample_latents
 from cogvx.prepare import run_prepare
 

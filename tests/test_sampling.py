@@ -173,7 +173,7 @@ def test_prepare_says_how_clips_were_sampled(mixed, tiny_models, tmp_path):
 
 
 def test_the_sampling_enters_the_content_key(mixed, tiny_models):
-    from cogvx.data.dataset import validate_dataset
+    from cogvx.data.validation import validate_dataset
     from cogvx.prepare import plan_samples
 
     def keys(*extra: str) -> list[str]:
