@@ -8,7 +8,7 @@ from pathlib import Path
 
 from cogvx.config import Config
 from cogvx.errors import CogvxError
-from cogvx.registry import get_spec, resolve_key
+from cogvx.models.specs import get_spec, resolve_key
 
 ADAPTER = "cogvx"
 
@@ -38,10 +38,10 @@ def lora_file(path: Path) -> Path:
 
     Filesystem oddities (a FIFO, a device, a symlink loop, a name too long) are refused with a
     reason, without opening anything; whether the file is safetensors is its content's business
-    (:func:`cogvx.training.lora.read_lora_metadata`), not its name's.
+    (:func:`cogvx.models.lora.read_lora_metadata`), not its name's.
     """
     from cogvx.data.video import file_problem
-    from cogvx.training.lora import LORA_WEIGHT_NAME
+    from cogvx.models.lora import LORA_WEIGHT_NAME
 
     path = Path(path)
     if os.path.isdir(path):
@@ -57,7 +57,7 @@ def lora_file(path: Path) -> Path:
 def resolve_weights(config: Config, request: GenerateRequest) -> tuple[Path | None, Path | None]:
     """(LoRA path, transformer folder) from the request: registry URIs downloaded, and a
     ``weights`` folder sorted into LoRA (holds the LoRA file) or full transformer."""
-    from cogvx.training.lora import LORA_WEIGHT_NAME
+    from cogvx.models.lora import LORA_WEIGHT_NAME
 
     lora, transformer = request.lora, request.transformer
     if request.weights is not None:
@@ -97,7 +97,7 @@ def attach_lora(pipe, path: Path, scale: float, log=print, spec=None) -> dict:
     """
     from safetensors import SafetensorError
 
-    from cogvx.training.lora import read_lora_metadata
+    from cogvx.models.lora import read_lora_metadata
 
     path = lora_file(path)
     meta = read_lora_metadata(path)
@@ -109,7 +109,7 @@ def attach_lora(pipe, path: Path, scale: float, log=print, spec=None) -> dict:
     pipe.set_adapters([ADAPTER], [scale])
     trained = meta["cogvx"].get("config", {}).get("train", {})
     if trained.get("ignore_learned_positional_embeddings"):
-        from cogvx.training.loop import ignore_learned_positions
+        from cogvx.models.positions import ignore_learned_positions
 
         ignore_learned_positions(pipe.transformer)
     if meta["rank"] and meta["alpha"]:
@@ -145,7 +145,7 @@ def generation_pipeline(config: Config, request: GenerateRequest, log=print, tra
 
 def _quantize_for_rendering(pipe, device, has_lora: bool, log=print) -> None:
     """validate.fp8_compute: fuse the LoRA into the base weights, then quantize to fp8."""
-    from cogvx.training.performance import quantize_fp8_compute
+    from cogvx.models.performance import quantize_fp8_compute
 
     if has_lora:
         pipe.fuse_lora(components=["transformer"])
@@ -159,7 +159,7 @@ def render_request(pipe, config: Config, request: GenerateRequest, device, log=p
     from PIL import Image
 
     from cogvx.inference import render
-    from cogvx.training.performance import TransformerAttentionBackend
+    from cogvx.models.performance import TransformerAttentionBackend
 
     bucket, validate = config.buckets[0], config.validate_
     image = Image.open(request.image).convert("RGB") if request.image else None

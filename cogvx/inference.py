@@ -26,7 +26,7 @@ def prepare_for_device(pipe, device: torch.device, offload: str = "model", vae_t
     the video in spatial tiles so the VAE needs a few GiB instead of tens.
     """
     if compile_blocks and not _blocks_compiled(pipe.transformer):
-        from cogvx.training.performance import compile_blocks as compile_transformer_blocks
+        from cogvx.models.performance import compile_blocks as compile_transformer_blocks
 
         compile_transformer_blocks(pipe.transformer)
     if device.type != "cuda":

@@ -12,7 +12,7 @@ from cogvx.config import load_config
 from cogvx.generate import attach_lora
 from cogvx.inference import render
 from cogvx.models.loader import load_pipeline
-from cogvx.registry import TINY_VARIANTS, get_spec
+from cogvx.models.specs import TINY_VARIANTS, get_spec
 from cogvx.training.loop import build_optimizer, model_inputs, train
 from cogvx.training.objective import SampleRandom, pad_to_temporal_patch, rotary_embeddings
 

@@ -11,10 +11,10 @@ import torch
 from cogvx.config import ConfigError, load_config
 from cogvx.errors import CogvxError
 from cogvx.models.build import build_transformer
-from cogvx.registry import get_spec
-from cogvx.training.lora import add_lora
+from cogvx.models.specs import get_spec
+from cogvx.models.lora import add_lora
 from cogvx.training.objective import rotary_embeddings
-from cogvx.training.performance import (
+from cogvx.models.performance import (
     Fp8StorageLinear,
     TransformerAttentionBackend,
     attention_backend,

@@ -20,9 +20,9 @@ from cogvx.config import load_config
 from cogvx.generate import attach_lora
 from cogvx.inference import render
 from cogvx.models.loader import load_pipeline
-from cogvx.registry import get_spec
+from cogvx.models.specs import get_spec
 from cogvx.training.checkpoint import list_checkpoints
-from cogvx.training.lora import read_lora_metadata
+from cogvx.models.lora import read_lora_metadata
 from cogvx.training.loop import train
 
 

@@ -215,27 +215,6 @@ class Run:
         return params_sharded(self.accelerator)
 
 
-def ignore_learned_positions(transformer) -> None:
-    """Stop adding the 5b-I2V positional embeddings learned for 480x720 (rotary still gives
-    positions), so other sizes train; the saved config says so, for generation to match."""
-    transformer.patch_embed.use_learned_positional_embeddings = False
-    transformer.register_to_config(use_learned_positional_embeddings=False)
-    transformer.patch_embed._non_persistent_buffers_set.add("pos_embedding")
-
-
-def check_learned_positions(transformer, buckets) -> None:
-    """Learned positional embeddings (5b-I2V) only fit their own size: say so before training."""
-    cfg = transformer.config
-    if not cfg.use_learned_positional_embeddings:
-        return
-    native = (cfg.sample_height * 8, cfg.sample_width * 8)
-    other = sorted({str(b) for b in buckets if (b.height, b.width) != native})
-    if other:
-        raise CogvxError(f"this model's learned positional embeddings fit {native[0]}x{native[1]} only, "
-                         f"but buckets {', '.join(other)} differ; set "
-                         "train.ignore_learned_positional_embeddings=true to train at other sizes")
-
-
 def main_process_then_meet(run: Run, work, everyone: bool = False):
     """Run ``work()`` on the main process (on every process when ``everyone``), then let all
     processes meet; its error is raised after the meeting, so no process is left waiting for one
@@ -256,7 +235,7 @@ def save_final(run: Run, out: Path, info: dict[str, Any]) -> Path:
     """LoRA file (method lora) or a diffusers transformer folder in safetensors shards (full),
     written by the main process (with the weights gathered from every process where sharded)."""
     from cogvx.io import atomic_directory
-    from cogvx.training.lora import save_lora
+    from cogvx.models.lora import save_lora
 
     lora = run.config.train.method == "lora"
     target = out / ("lora" if lora else "full")
@@ -293,8 +272,9 @@ def configure_transformer(transformer, config: Config, dtype: torch.dtype, bucke
     """Everything the config does to the transformer before training: checkpointing, learned
     positions, LoRA or full training, fp8 storage, regional compile (in this order: fp8 must
     see the LoRA base layers, compile must see the final modules)."""
-    from cogvx.training.lora import add_lora
-    from cogvx.training.performance import compile_blocks, enable_checkpointing, store_base_weights_in_fp8
+    from cogvx.models.lora import add_lora
+    from cogvx.models.performance import compile_blocks, enable_checkpointing, store_base_weights_in_fp8
+    from cogvx.models.positions import check_learned_positions, ignore_learned_positions
 
     train, lora = config.train, config.train.lora
     if train.gradient_checkpointing:
@@ -370,7 +350,7 @@ def fingerprint(config: Config, manifest: dict[str, Any]) -> str:
 def restore(run: Run, checkpoint: Path) -> None:
     """Continue ``run`` from a checkpoint: weights, optimizer, LR schedule, data position
     (every process reads it)."""
-    from cogvx.training.lora import load_trainable_state
+    from cogvx.models.lora import load_trainable_state
     from cogvx.training.sharded import load_sharded_checkpoint
 
     if run.accelerator.distributed_type in SHARDED_TYPES:
@@ -387,7 +367,7 @@ def restore(run: Run, checkpoint: Path) -> None:
 def checkpoint(run: Run) -> Path:
     """Save a checkpoint: written by the main process (by every process, each its shard, under
     FSDP / DeepSpeed); every process returns once it is complete on disk."""
-    from cogvx.training.lora import trainable_state
+    from cogvx.models.lora import trainable_state
     from cogvx.training.sharded import save_sharded_checkpoint
 
     progress = {"micro_batches": run.state.micro_batches, "losses": run.state.losses, "seconds": run.state.seconds,
@@ -422,7 +402,7 @@ def micro_step(run: Run, position: int, first_row: int, batch: dict[str, Any], s
 
 def optimizer_step(run: Run, batches: Iterator, scaling: float) -> tuple[float, float]:
     """One optimizer step over gradient_accumulation_steps micro-batches: (mean loss, grad norm)."""
-    from cogvx.training.performance import attention_backend
+    from cogvx.models.performance import attention_backend
 
     accumulation = run.config.train.gradient_accumulation_steps
     loss = 0.0
@@ -611,7 +591,7 @@ def replica_digests(run: Run) -> list[str] | None:
 
     from accelerate.utils import gather_object
 
-    from cogvx.training.lora import trainable_state
+    from cogvx.models.lora import trainable_state
 
     if run.accelerator.num_processes == 1 or run.accelerator.distributed_type in SHARDED_TYPES:
         return None

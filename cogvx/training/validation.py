@@ -21,7 +21,7 @@ def render_validation(config: Config, folder: Path, transformer, step: int, out_
     """
     from cogvx.inference import prepare_for_device, render, write_video
     from cogvx.models.loader import load_pipeline
-    from cogvx.training.performance import TransformerAttentionBackend
+    from cogvx.models.performance import TransformerAttentionBackend
 
     spec, writer = config.spec, writer or write_video
     pipe = load_pipeline(str(folder), spec, dtype=dtype, skip=("transformer",))
