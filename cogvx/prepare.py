@@ -10,7 +10,6 @@ lists exactly the files that belong to this data set and config.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import resource
 import time
@@ -26,6 +25,7 @@ from cogvx.config import Config, write_resolved_config
 from cogvx.data.buckets import Bucket, BucketBatchSampler, assign_bucket
 from cogvx.data.latents import (MANIFEST_FORMAT, LatentsError, is_complete, read_manifest, text_file,
                                 video_file, write_manifest)
+from cogvx.hashing import content_key, file_sha256
 from cogvx.io import atomic_file, atomic_write_text
 
 VIDEO_TENSORS = ("latent_mean", "latent_logvar")
@@ -73,20 +73,6 @@ class PrepareSummary:
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
-
-
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def content_key(**parts: Any) -> str:
-    """A stable hash of named inputs (JSON with sorted keys), 32 hex characters."""
-    blob = json.dumps(parts, sort_keys=True, default=str).encode("utf-8")
-    return hashlib.sha256(blob).hexdigest()[:32]
 
 
 def model_identity(folder: Path, component: str) -> dict[str, Any]:

@@ -89,7 +89,8 @@ def _diffusers_version() -> str:
 def write_random_latents(config: Config, root: Path, samples: int = 2, seed: int = 0) -> Path:
     """``samples`` entries of random latents at the config's first bucket, in prepare's layout."""
     from cogvx.data.latents import text_file, video_file, write_manifest
-    from cogvx.prepare import Plan, build_manifest, content_key, save_tensors
+    from cogvx.hashing import content_key
+    from cogvx.prepare import Plan, build_manifest, save_tensors
 
     root, spec, bucket = Path(root), config.spec, config.buckets[0]
     generator = torch.Generator().manual_seed(seed)
