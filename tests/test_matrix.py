@@ -13,7 +13,9 @@ from cogvx.generate import attach_lora
 from cogvx.inference import render
 from cogvx.models.loader import load_pipeline
 from cogvx.models.specs import TINY_VARIANTS, get_spec
-from cogvx.training.loop import build_optimizer, model_inputs, train
+from cogvx.training.inputs import model_inputs
+from cogvx.training.loop import train
+from cogvx.training.optim import build_optimizer
 from cogvx.training.objective import SampleRandom, pad_to_temporal_patch, rotary_embeddings
 
 ONE_STEP = ("train.max_steps=1", "validate.num_inference_steps=1", "train.lora.rank=4", "train.lora.alpha=4",

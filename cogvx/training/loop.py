@@ -32,7 +32,9 @@ from cogvx.io import atomic_write_text
 from cogvx.training.checkpoint import checkpoint_dir, load_checkpoint, resolve_resume, save_checkpoint
 from cogvx.training.sharded import SHARDED_TYPES, engine_dtype
 from cogvx.training.memory import MemoryMeter, step_timing
-from cogvx.training.objective import SampleRandom, diffusion_loss, pad_to_temporal_patch, rotary_embeddings
+from cogvx.training.inputs import model_inputs
+from cogvx.training.optim import build_optimizer
+from cogvx.training.objective import SampleRandom, diffusion_loss, rotary_embeddings
 
 
 class TrainingInterrupted(CogvxError):
@@ -68,31 +70,6 @@ def stop_requests() -> Iterator[dict[str, int]]:
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
-
-
-def build_optimizer(params: list[torch.nn.Parameter], config: Config, device: torch.device):
-    """The optimizer named by train.optimizer, with clear errors where it cannot run here."""
-    train = config.train
-    kwargs = dict(lr=train.learning_rate, betas=(train.adam_beta1, train.adam_beta2),
-                  eps=train.adam_epsilon, weight_decay=train.weight_decay)
-    if train.optimizer == "adamw":
-        return torch.optim.AdamW(params, **kwargs)
-    if train.optimizer == "adam":
-        return torch.optim.Adam(params, **kwargs)
-    if train.optimizer == "adamw8bit":
-        import bitsandbytes as bnb
-
-        return bnb.optim.AdamW8bit(params, **kwargs)
-    if train.optimizer == "prodigy":
-        from prodigyopt import Prodigy
-
-        return Prodigy(params, **kwargs)
-    if device.type != "cuda":
-        raise CogvxError("train.optimizer = cpu_offload_adamw (torchao CPUOffloadOptimizer) needs a CUDA "
-                         "device; on a CPU use adamw")
-    from torchao.optim import CPUOffloadOptimizer
-
-    return CPUOffloadOptimizer(params, torch.optim.AdamW, **kwargs)
 
 
 def total_steps(config: Config, batches_per_epoch: int) -> int:
@@ -132,40 +109,6 @@ def batches_from(dataset, sampler, start: int, process: int = 0,
             batch = torch.utils.data.default_collate([dataset[index] for index in rows])
             position += 1
             yield position, first_row, batch
-
-
-def model_inputs(batch: dict[str, Any], run_config: Config, transformer, scaling: float,
-                 random: SampleRandom, device: torch.device, dtype: torch.dtype,
-                 empty_prompt: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-    """Clean latents [B, F, C, h, w], text embeddings (caption dropout applied), and the
-    conditioning the model needs (image latents with dropout, ofs). Dropout draws even at p = 0,
-    so the random stream, and with it exact resume, does not depend on the setting."""
-    from cogvx.data.latents import sample_latents
-
-    spec, train = run_config.spec, run_config.train
-    mean = batch["latent_mean"]  # [B, F, C, h, w]
-    latents = sample_latents(mean, batch["latent_logvar"], scaling, noise=random.randn(tuple(mean.shape[1:]))).to(device)
-    prompt_embeds = batch["prompt_embeds"]  # [B, L, D]
-    dropped = random.rand() < train.caption_dropout
-    if empty_prompt is not None and dropped.any():
-        prompt_embeds = torch.where(dropped.view(-1, 1, 1), empty_prompt.expand_as(prompt_embeds), prompt_embeds)
-    patch_t = transformer.config.patch_size_t
-    extra: dict[str, Any] = {}
-    if spec.task == "i2v":
-        # The pipeline's conditioning: first-frame latents, zero frames after them, then the same
-        # temporal padding as the video latents; 1.5 scales them by 1/scaling_factor.
-        image_scale = 1.0 / scaling if spec.invert_scale_latents else scaling
-        image_mean = batch["image_latent_mean"]  # [B, 1, C, h, w]
-        image = sample_latents(image_mean, batch["image_latent_logvar"], image_scale,
-                               noise=random.randn(tuple(image_mean.shape[1:]))).to(device)  # [B, 1, C, h, w]
-        keep = ~(random.rand() < train.image_dropout)
-        image = image * keep.to(device, image.dtype).view(-1, 1, 1, 1, 1)
-        zeros = image.new_zeros(image.shape[0], latents.shape[1] - 1, *image.shape[2:])  # [B, F-1, C, h, w]
-        extra["image_latents"] = pad_to_temporal_patch(torch.cat([image, zeros], dim=1), patch_t)
-        if transformer.config.ofs_embed_dim:
-            extra["ofs"] = torch.full((latents.shape[0],), 2.0, device=device)
-    latents = pad_to_temporal_patch(latents, patch_t)  # [B, F', C, h, w]
-    return latents, prompt_embeds.to(device, dtype), extra
 
 
 def _device_and_dtype(config: Config, accelerator) -> tuple[torch.device, torch.dtype]:
@@ -339,7 +282,7 @@ def fingerprint(config: Config, manifest: dict[str, Any]) -> str:
     """A hash of everything that shapes the trained weights: model, training settings, data, and
     the number of processes (it sets the global batch; left out for one, as before it counted)."""
     from cogvx.distributed import world_size
-    from cogvx.prepare import content_key
+    from cogvx.hashing import content_key
 
     train = config.train.model_dump(mode="json", exclude=set(NEUTRAL_TRAIN_KEYS))
     processes = {"processes": world_size()} if world_size() > 1 else {}
