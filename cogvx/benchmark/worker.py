@@ -70,7 +70,7 @@ def _training_run(case: Case, config: Config, workdir: Path, device: torch.devic
     from cogvx.distributed import Processes
     from cogvx.models.build import build_transformer
     from cogvx.models.loader import resolve_dtype
-    from cogvx.training.loop import setup
+    from cogvx.training.setup import setup
 
     spec = config.spec
     processes = Processes()

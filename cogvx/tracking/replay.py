@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from cogvx.errors import CogvxError
+from cogvx.reports import REPORT_NAME, TrainingReport
 from cogvx.tracking.registry import register_lora
 from cogvx.tracking.runs import PENDING_FILE, RunTracker, pending_record
 from cogvx.tracking.store import TrackingUnavailable
@@ -59,8 +59,7 @@ def _replay_run(tracker: RunTracker, end: dict[str, Any] | None, config, out: Pa
     """Send one run's metrics, artifacts (a finished run's) and end; raise when the store fails."""
     status = end["status"] if end else "KILLED"
     message = end.get("message") if end else "the training process ended without reporting (killed?)"
-    report_file = out / "report.json"
-    report = json.loads(report_file.read_text(encoding="utf-8")) if report_file.is_file() else {}
+    report = TrainingReport.read(out) if (out / REPORT_NAME).is_file() else None
     sent = tracker.flush(force=True)
     if sent and status == "FINISHED":
         sent = tracker._log_artifacts(report, out)
@@ -71,7 +70,6 @@ def _replay_run(tracker: RunTracker, end: dict[str, Any] | None, config, out: Pa
                                   f"({tracker.problems[-1]}); the pending file is kept, try again later")
     tracker._forget_spilled()
     result = {"run_id": tracker.run_id, "status": status}
-    weights = report.get("weights")
-    if status == "FINISHED" and report.get("method") == "lora" and weights and Path(weights).is_dir():
-        result["registered"] = register_lora(Path(weights), config, tracker.run_id)
+    if status == "FINISHED" and report and report.method == "lora" and Path(report.weights).is_dir():
+        result["registered"] = register_lora(Path(report.weights), config, tracker.run_id)
     return result

@@ -22,6 +22,7 @@ from typing import Any
 from cogvx import __version__
 from cogvx.errors import CogvxWarning
 from cogvx.io import atomic_write_text
+from cogvx.reports import TrackingOutcome, TrainingReport
 from cogvx.tracking.registry import ensure_registered_model
 from cogvx.tracking.store import (check_tracking, experiment_id, first_line, logging_errors, mlflow_client,
                                   mlflow_errors)
@@ -211,13 +212,13 @@ class RunTracker:
             warnings.warn(f"MLflow ({self.uri}, run {self.run_id}): {message}. Training goes on; metrics "
                           f"are kept and written to {self.pending_path}", TrackingWarning, stacklevel=3)
 
-    def finish(self, report: dict[str, Any], output_dir: Path) -> dict[str, Any]:
+    def finish(self, report: TrainingReport, output_dir: Path) -> TrackingOutcome:
         """Log the summary metrics and artifacts, end the run FINISHED; says whether all got through.
 
         When something did not get through, the pending file also records how the run ended, so
         that ``cogvx tracking replay`` can finish it once the store is back."""
         output_dir = Path(output_dir)
-        self._enqueue(summary_metrics(report), int(report.get("steps") or 0))
+        self._enqueue(summary_metrics(report), report.steps)
         complete = self.flush(force=True) and self._log_artifacts(report, output_dir) and self._end("FINISHED")
         if not complete:
             self._record_end("FINISHED", None, output_dir)
@@ -225,8 +226,8 @@ class RunTracker:
                           f"problem(s), last: {self.problems[-1]}); the outputs are in {output_dir}, unsent "
                           f"metrics in {self.pending_path}; once the store is back, "
                           f"`cogvx tracking replay` sends them and ends the run", TrackingWarning, stacklevel=2)
-        return {"run_id": self.run_id, "experiment_id": self.experiment_id, "complete": complete,
-                "problems": list(self.problems)}
+        return TrackingOutcome(run_id=self.run_id, experiment_id=self.experiment_id, complete=complete,
+                               problems=list(self.problems))
 
     def _record_end(self, status: str, message: str | None, output_dir: Path | None) -> None:
         """Append to the pending file how this run ended (read by :func:`replay_pending`)."""
@@ -240,15 +241,15 @@ class RunTracker:
         except OSError as err:
             self._problem(f"writing {self.pending_path} failed", err)
 
-    def _log_artifacts(self, report: dict[str, Any], output_dir: Path) -> bool:
+    def _log_artifacts(self, report: TrainingReport | None, output_dir: Path) -> bool:
         """Validation clips of every step under validation/, the LoRA under lora/, report.json and the config."""
         try:
-            videos = set(map(Path, report.get("validation_videos") or []))
+            videos = set(map(Path, report.validation_videos if report else []))
             videos |= set((output_dir / "validation").glob("step-*/*.mp4"))
             for video in sorted(videos):
                 self.client.log_artifact(self.run_id, str(video), _validation_path(video, output_dir))
-            weights = Path(report["weights"]) if report.get("weights") else None
-            if report.get("method") == "lora" and weights is not None and weights.is_dir():
+            weights = Path(report.weights) if report and report.weights else None
+            if report and report.method == "lora" and weights is not None and weights.is_dir():
                 self.client.log_artifacts(self.run_id, str(weights), "lora")
             for name in ("report.json", "cogvx-config.yaml"):
                 if (output_dir / name).is_file():
@@ -310,12 +311,13 @@ def _validation_path(video: Path, output_dir: Path) -> str:
         return "validation"
 
 
-def summary_metrics(report: dict[str, Any]) -> dict[str, float | None]:
+def summary_metrics(report: TrainingReport) -> dict[str, float | None]:
     """memory/<phase>/<peak>, timing/<name> and final_loss from a training report."""
-    values: dict[str, float | None] = {"final_loss": report.get("final_loss")}
-    for phase, peaks in (report.get("memory") or {}).get("phases", {}).items():
+    figures = report.to_dict()
+    values: dict[str, float | None] = {"final_loss": report.final_loss}
+    for phase, peaks in figures["memory"]["phases"].items():
         values.update({f"memory/{phase}/{name}": value for name, value in peaks.items()})
-    values.update({f"timing/{name}": value for name, value in (report.get("timing") or {}).items()})
+    values.update({f"timing/{name}": value for name, value in figures["timing"].items()})
     return values
 
 
@@ -338,8 +340,8 @@ class NullTracker:
     def flush(self, force: bool = False) -> bool:
         return True
 
-    def finish(self, report: dict[str, Any], output_dir: Path) -> dict[str, Any]:
-        return {"run_id": None, "experiment_id": None, "complete": True, "problems": []}
+    def finish(self, report: TrainingReport, output_dir: Path) -> TrackingOutcome:
+        return TrackingOutcome()
 
     def fail(self, message: str, status: str = "FAILED") -> None:
         return None

@@ -15,12 +15,10 @@ written by the main process; the others wait for it.
 
 from __future__ import annotations
 
-import json
 import math
 import signal
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -29,29 +27,22 @@ import torch
 from cogvx.config import Config, write_resolved_config
 from cogvx.errors import CogvxError
 from cogvx.io import atomic_write_text
-from cogvx.training.checkpoint import checkpoint_dir, load_checkpoint, resolve_resume, save_checkpoint
-from cogvx.training.sharded import SHARDED_TYPES, engine_dtype
-from cogvx.training.memory import MemoryMeter, step_timing
+from cogvx.models.constants import VAE_SPATIAL_SCALE
+from cogvx.reports import REPORT_NAME, TrainingReport
+from cogvx.training.checkpoint import resolve_resume
+from cogvx.training.checkpointing import fingerprint, restore, save_run_checkpoint
+from cogvx.training.collective import main_process_then_meet, mean_across_processes, stop_requested_anywhere
 from cogvx.training.inputs import model_inputs
-from cogvx.training.optim import build_optimizer
+from cogvx.training.memory import MemoryMeter, step_timing
 from cogvx.training.objective import SampleRandom, diffusion_loss, rotary_embeddings
+from cogvx.training.outputs import build_report, global_batch, save_final, write_metrics
+from cogvx.training.setup import Run, setup
 
 
 class TrainingInterrupted(CogvxError):
     """Stopped by SIGINT/SIGTERM after saving a checkpoint."""
 
     exit_code = 130
-
-
-@dataclass
-class TrainState:
-    """Where the run is: optimizer steps done and micro-batches consumed."""
-
-    step: int = 0
-    micro_batches: int = 0
-    losses: list[tuple[int, float]] = field(default_factory=list)
-    seconds: list[float] = field(default_factory=list)  # per optimizer step, across resumes
-    rates: list[tuple[int, float, float]] = field(default_factory=list)  # (step, lr used, grad norm)
 
 
 @contextmanager
@@ -70,14 +61,6 @@ def stop_requests() -> Iterator[dict[str, int]]:
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
-
-
-def total_steps(config: Config, batches_per_epoch: int) -> int:
-    """train.max_steps, or train.epochs worth of optimizer steps when epochs is set."""
-    if config.train.epochs is None:
-        return config.train.max_steps
-    per_epoch = math.ceil(batches_per_epoch / config.train.gradient_accumulation_steps)
-    return max(1, config.train.epochs * per_epoch)
 
 
 def rows_of_process(batch: list[int], process: int, processes: int) -> tuple[int, list[int]]:
@@ -104,225 +87,11 @@ def batches_from(dataset, sampler, start: int, process: int = 0,
     while True:
         epoch, offset = divmod(position, per_epoch)
         sampler.set_epoch(epoch)
-        for global_batch in list(sampler)[offset:]:
-            first_row, rows = rows_of_process(global_batch, process, processes)
+        for batch_indices in list(sampler)[offset:]:
+            first_row, rows = rows_of_process(batch_indices, process, processes)
             batch = torch.utils.data.default_collate([dataset[index] for index in rows])
             position += 1
             yield position, first_row, batch
-
-
-def _device_and_dtype(config: Config, accelerator) -> tuple[torch.device, torch.dtype]:
-    from cogvx.models.loader import resolve_dtype
-
-    device = accelerator.device
-    return device, resolve_dtype(config.model.dtype, config.spec, device)
-
-
-@dataclass
-class Run:
-    """Everything a training run holds: accelerator, data, model, optimizer, schedulers, RNG."""
-
-    config: Config
-    accelerator: Any
-    dataset: Any
-    sampler: Any
-    folder: Path
-    transformer: Any
-    optimizer: Any
-    lr_scheduler: Any
-    noise_scheduler: Any
-    steps: int
-    dtype: torch.dtype
-    state: TrainState = field(default_factory=TrainState)
-    rotary: dict[tuple, Any] = field(default_factory=dict)
-
-    @property
-    def model(self):
-        """The transformer without accelerate's wrapper (what LoRA saving and pipelines use)."""
-        return self.accelerator.unwrap_model(self.transformer)
-
-    @property
-    def checkpoints(self) -> Path:
-        return Path(self.config.train.output_dir) / "checkpoints"
-
-    @property
-    def is_main(self) -> bool:
-        return self.accelerator.is_main_process
-
-    @property
-    def params_sharded(self) -> bool:
-        """Whether each process holds only part of the weights (FSDP, DeepSpeed ZeRO-3): then
-        every process must take part in each forward pass, validation's included."""
-        from cogvx.training.sharded import params_sharded
-
-        return params_sharded(self.accelerator)
-
-
-def main_process_then_meet(run: Run, work, everyone: bool = False):
-    """Run ``work()`` on the main process (on every process when ``everyone``), then let all
-    processes meet; its error is raised after the meeting, so no process is left waiting for one
-    that failed. Returns what ``work`` returned (None where it did not run)."""
-    result, failure = None, None
-    if run.is_main or everyone:
-        try:
-            result = work()
-        except Exception as err:  # re-raised once the other processes are released
-            failure = err
-    run.accelerator.wait_for_everyone()
-    if failure is not None:
-        raise failure
-    return result
-
-
-def save_final(run: Run, out: Path, info: dict[str, Any]) -> Path:
-    """LoRA file (method lora) or a diffusers transformer folder in safetensors shards (full),
-    written by the main process (with the weights gathered from every process where sharded)."""
-    from cogvx.io import atomic_directory
-    from cogvx.models.lora import save_lora
-
-    lora = run.config.train.method == "lora"
-    target = out / ("lora" if lora else "full")
-    # Collective under FSDP / DeepSpeed: every process must call it.
-    state = run.accelerator.get_state_dict(run.transformer) if run.accelerator.distributed_type in SHARDED_TYPES else None
-
-    def write() -> None:
-        if lora:
-            save_lora(run.model, target, info, state_dict=state)
-            return
-        with atomic_directory(target) as staging:
-            save_transformer(run.model, staging, state)
-            (staging / "cogvx-training.json").write_text(json.dumps(info, indent=1, default=str), encoding="utf-8")
-
-    main_process_then_meet(run, write)
-    return target
-
-
-def save_transformer(model, folder: Path, state: dict[str, torch.Tensor] | None) -> None:
-    """The transformer in diffusers' layout (config + safetensors shards of at most 5 GB); from
-    ``state``, the weights gathered from every process, where the module holds only a shard
-    (diffusers' save_pretrained would save the shard)."""
-    if state is None:
-        model.save_pretrained(folder, safe_serialization=True, max_shard_size="5GB")
-        return
-    from huggingface_hub import save_torch_state_dict
-
-    model.save_config(folder)
-    save_torch_state_dict(state, folder, filename_pattern="diffusion_pytorch_model{suffix}.safetensors",
-                          max_shard_size="5GB")
-
-
-def configure_transformer(transformer, config: Config, dtype: torch.dtype, buckets) -> None:
-    """Everything the config does to the transformer before training: checkpointing, learned
-    positions, LoRA or full training, fp8 storage, regional compile (in this order: fp8 must
-    see the LoRA base layers, compile must see the final modules)."""
-    from cogvx.models.lora import add_lora
-    from cogvx.models.performance import compile_blocks, enable_checkpointing, store_base_weights_in_fp8
-    from cogvx.models.positions import check_learned_positions, ignore_learned_positions
-
-    train, lora = config.train, config.train.lora
-    if train.gradient_checkpointing:
-        enable_checkpointing(transformer, offload=train.activation_offload)
-    if train.ignore_learned_positional_embeddings:
-        ignore_learned_positions(transformer)
-    check_learned_positions(transformer, buckets)
-    if train.method == "lora":
-        add_lora(transformer, lora.rank, lora.alpha, lora.target_modules or list(config.spec.lora_target_modules),
-                 lora.dropout, lora.init)
-    else:
-        transformer.requires_grad_(True)
-    if train.fp8_base_weights:
-        store_base_weights_in_fp8(transformer, dtype)
-    if train.compile == "blocks":
-        compile_blocks(transformer)
-
-
-def setup(config: Config, transformer=None, dataset=None) -> Run:
-    """Build a run: data, transformer with LoRA, optimizer and schedulers, under accelerate.
-
-    ``transformer`` and ``dataset`` replace the ones loaded from model.path and
-    prepare.output_dir (the benchmarks pass real-size random-weight models and latents).
-    """
-    from diffusers import CogVideoXDDIMScheduler
-    from diffusers.optimization import get_scheduler
-
-    from cogvx.data.latents import LatentDataset
-    from cogvx.models.loader import load_transformer, resolve_source
-
-    from cogvx.training.sharded import accelerator_for
-
-    accelerator = accelerator_for(config)
-    torch.manual_seed(config.train.seed)
-    dataset = dataset if dataset is not None else LatentDataset(config.prepare.output_dir, config)
-    device, dtype = _device_and_dtype(config, accelerator)
-    dtype = engine_dtype(accelerator, dtype)
-    spec = config.spec
-    folder = resolve_source(config.model_source, config.model.revision, config.model.cache_dir, spec)
-    if transformer is None:
-        transformer = load_transformer(str(folder), spec, dtype=dtype)
-    configure_transformer(transformer, config, dtype, dataset.buckets)
-    optimizer = build_optimizer([p for p in transformer.parameters() if p.requires_grad], config, device)
-    # Global batches: batch_size rows for each process (see the module docstring).
-    sampler = dataset.batch_sampler(config.train.batch_size * accelerator.num_processes, seed=config.train.seed)
-    steps = total_steps(config, len(sampler))
-    lr_scheduler = get_scheduler(config.train.lr_scheduler, optimizer,
-                                 num_warmup_steps=config.train.lr_warmup_steps, num_training_steps=steps)
-    transformer, optimizer = accelerator.prepare(transformer, optimizer)
-    return Run(config=config, accelerator=accelerator, dataset=dataset, sampler=sampler, folder=folder,
-               transformer=transformer, optimizer=optimizer, lr_scheduler=lr_scheduler,
-               noise_scheduler=CogVideoXDDIMScheduler.from_pretrained(folder, subfolder="scheduler"),
-               steps=steps, dtype=dtype)
-
-
-# Settings that change neither the weights a step produces nor the data order.
-NEUTRAL_TRAIN_KEYS = ("output_dir", "checkpointing_steps", "checkpoints_total_limit", "accelerate_config",
-                      "process_group_timeout_minutes")
-
-
-def fingerprint(config: Config, manifest: dict[str, Any]) -> str:
-    """A hash of everything that shapes the trained weights: model, training settings, data, and
-    the number of processes (it sets the global batch; left out for one, as before it counted)."""
-    from cogvx.distributed import world_size
-    from cogvx.hashing import content_key
-
-    train = config.train.model_dump(mode="json", exclude=set(NEUTRAL_TRAIN_KEYS))
-    processes = {"processes": world_size()} if world_size() > 1 else {}
-    return content_key(model=config.model.model_dump(mode="json"), train=train,
-                       entries=manifest["entries"], model_record=manifest["model"], **processes)
-
-
-def restore(run: Run, checkpoint: Path) -> None:
-    """Continue ``run`` from a checkpoint: weights, optimizer, LR schedule, data position
-    (every process reads it)."""
-    from cogvx.models.lora import load_trainable_state
-    from cogvx.training.sharded import load_sharded_checkpoint
-
-    if run.accelerator.distributed_type in SHARDED_TYPES:
-        saved = load_sharded_checkpoint(run.accelerator, checkpoint, run.lr_scheduler)
-    else:
-        tensors, saved = load_checkpoint(checkpoint, run.optimizer, run.lr_scheduler)
-        load_trainable_state(run.model, tensors)
-    progress = saved["progress"]
-    run.state = TrainState(step=saved["step"], micro_batches=progress["micro_batches"],
-                           losses=[tuple(x) for x in progress["losses"]], seconds=progress.get("seconds", []),
-                           rates=[tuple(x) for x in progress.get("rates", [])])
-
-
-def checkpoint(run: Run) -> Path:
-    """Save a checkpoint: written by the main process (by every process, each its shard, under
-    FSDP / DeepSpeed); every process returns once it is complete on disk."""
-    from cogvx.models.lora import trainable_state
-    from cogvx.training.sharded import save_sharded_checkpoint
-
-    progress = {"micro_batches": run.state.micro_batches, "losses": run.state.losses, "seconds": run.state.seconds,
-                "rates": run.state.rates,
-                "fingerprint": fingerprint(run.config, run.dataset.manifest)}
-    limit = run.config.train.checkpoints_total_limit
-    if run.accelerator.distributed_type in SHARDED_TYPES:
-        return save_sharded_checkpoint(run.accelerator, run.checkpoints, run.state.step, run.lr_scheduler,
-                                       progress, limit)
-    main_process_then_meet(run, lambda: save_checkpoint(run.checkpoints, run.state.step, trainable_state(run.model),
-                                                       run.optimizer, run.lr_scheduler, progress, limit=limit))
-    return checkpoint_dir(run.checkpoints, run.state.step)
 
 
 def micro_step(run: Run, position: int, first_row: int, batch: dict[str, Any], scaling: float) -> float:
@@ -334,7 +103,7 @@ def micro_step(run: Run, position: int, first_row: int, batch: dict[str, Any], s
                                                  device, run.dtype, run.dataset.empty_prompt_embeds)
     key = tuple(latents.shape)
     if key not in run.rotary:
-        height, width = latents.shape[-2] * 8, latents.shape[-1] * 8
+        height, width = latents.shape[-2] * VAE_SPATIAL_SCALE, latents.shape[-1] * VAE_SPATIAL_SCALE
         run.rotary[key] = rotary_embeddings(run.model, height, width, latents.shape[1], device)
     with run.accelerator.autocast():
         loss = diffusion_loss(run.transformer, run.noise_scheduler, latents, prompt_embeds, random,
@@ -368,13 +137,6 @@ def optimizer_step(run: Run, batches: Iterator, scaling: float) -> tuple[float, 
     return loss, grad_norm
 
 
-def mean_across_processes(accelerator, value: float) -> float:
-    """The mean of ``value`` over all processes (the loss of the global batch)."""
-    if accelerator.num_processes == 1:
-        return value
-    return float(accelerator.reduce(torch.tensor([value], device=accelerator.device), reduction="mean").item())
-
-
 def validate(run: Run, meter: MemoryMeter) -> list[Path]:
     """Render the validation clips. The main process renders and writes them while the others
     wait; where the weights are sharded every process renders in step (each forward pass needs
@@ -383,7 +145,7 @@ def validate(run: Run, meter: MemoryMeter) -> list[Path]:
 
     meter.start("validation")
     writer = None if run.is_main else (lambda frames, path, fps: path)
-    written = main_process_then_meet(run, lambda: render_validation(
+    written = main_process_then_meet(run.accelerator, lambda: render_validation(
         run.config, run.folder, run.model, run.state.step, Path(run.config.train.output_dir), run.accelerator.device,
         run.dtype, writer=writer), everyone=run.params_sharded)
     meter.stop("validation")
@@ -410,7 +172,7 @@ def training_loop(run: Run, meter: MemoryMeter, on_step=None, log=print) -> None
                 on_step(step, loss, lr, grad_norm, seconds[-1])
             stopping = stop_requested_anywhere(run.accelerator, bool(stop))
             if step % train.checkpointing_steps == 0 or step == run.steps or stopping:
-                checkpoint(run)
+                save_run_checkpoint(run)
             if stopping:
                 raise TrainingInterrupted(f"interrupted at step {step}; checkpoint saved in "
                                           f"{run.checkpoints}; continue with --resume latest")
@@ -420,16 +182,8 @@ def training_loop(run: Run, meter: MemoryMeter, on_step=None, log=print) -> None
                 meter.start("train")
 
 
-def stop_requested_anywhere(accelerator, here: bool) -> bool:
-    """Whether any process got SIGINT/SIGTERM, so that all of them checkpoint and stop together."""
-    if accelerator.num_processes == 1:
-        return here
-    flag = torch.tensor([1.0 if here else 0.0], device=accelerator.device)
-    return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
-
-
 def train(config: Config, resume: str | None = None, log=print, on_step=None,
-          metrics_dir: Path | None = None) -> dict[str, Any]:
+          metrics_dir: Path | None = None) -> TrainingReport:
     """:func:`tracked_train` holding train.output_dir's run lock, after removing what dead runs
     left there. The main process takes it (once per launch) before tracking starts, so a second
     writer is refused before it creates an MLflow run."""
@@ -447,7 +201,7 @@ def train(config: Config, resume: str | None = None, log=print, on_step=None,
 
 
 def tracked_train(config: Config, resume: str | None = None, log=print, on_step=None,
-                  metrics_dir: Path | None = None) -> dict[str, Any]:
+                  metrics_dir: Path | None = None) -> TrainingReport:
     """Run (or resume) a fine-tune, tracked in MLflow when tracking.enabled; returns the report.
 
     The tracking store is checked before any model loads (a dead server fails the run at once);
@@ -474,19 +228,18 @@ def tracked_train(config: Config, resume: str | None = None, log=print, on_step=
     except BaseException as err:
         tracker.fail(f"{type(err).__name__}: {err}")
         raise
-    report["tracking"] = tracker.finish(report, Path(config.train.output_dir))
-    if main and report["tracking"]["complete"] and report["tracking"]["run_id"] and config.train.method == "lora":
-        report["tracking"]["registered"] = register_lora(Path(report["weights"]), config,
-                                                         report["tracking"]["run_id"])
-    if main and report["tracking"].get("run_id"):  # what a launcher's caller reads back (Prefect)
-        atomic_write_text(Path(config.train.output_dir) / "report.json", json.dumps(report, indent=1) + "\n")
+    tracking = report.tracking = tracker.finish(report, Path(config.train.output_dir))
+    if main and tracking.complete and tracking.run_id and config.train.method == "lora":
+        tracking.registered = register_lora(Path(report.weights), config, tracking.run_id)
+    if main and tracking.run_id:  # what a launcher's caller reads back (Prefect)
+        atomic_write_text(Path(config.train.output_dir) / REPORT_NAME, report.to_json())
     return report
 
 
 def _train(config: Config, resume: str | None = None, log=print, on_step=None,
-           metrics_dir: Path | None = None) -> dict[str, Any]:
+           metrics_dir: Path | None = None) -> TrainingReport:
     """The training run itself; writes output_dir/report.json and the metrics files
-    (:func:`write_metrics`) into ``metrics_dir`` (default: output_dir)."""
+    (:func:`~cogvx.training.outputs.write_metrics`) into ``metrics_dir`` (default: output_dir)."""
     out = Path(config.train.output_dir)
     started = time.perf_counter()
     meter = MemoryMeter(torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
@@ -499,79 +252,22 @@ def _train(config: Config, resume: str | None = None, log=print, on_step=None,
         restore(run, resume_from)
         log(f"resumed from {resume_from} at step {run.state.step}")
     meter.stop("load")
-    setup_s = round(time.perf_counter() - started, 2)
-    resumed_from_step = run.state.step
+    setup_s, resumed_from_step = round(time.perf_counter() - started, 2), run.state.step
     if run.is_main:
         write_resolved_config(config, out)
     meter.start("train")
     training_loop(run, meter, on_step, log)
     meter.stop("train")
-    samples = validate(run, meter)
+    videos = validate(run, meter)
     info = {"base_model": config.model_source, "variant": config.spec.key, "steps": run.state.step,
             "processes": run.accelerator.num_processes, "config": config.to_dict()}
     weights = save_final(run, out, info)
-    digests = replica_digests(run)
-    global_batch = config.train.batch_size * config.train.gradient_accumulation_steps * run.accelerator.num_processes
-    report = {"steps": run.state.step, "resumed_from_step": resumed_from_step, "setup_s": setup_s, "final_loss": run.state.losses[-1][1] if run.state.losses else None,
-              "weights": str(weights), "method": config.train.method, "validation_videos": [str(p) for p in samples],
-              "processes": run.accelerator.num_processes, "engine": run.accelerator.distributed_type.value,
-              "global_batch": global_batch, "replica_digests": digests,
-              "memory": meter.report(), "timing": step_timing(run.state.seconds, global_batch),
-              "losses": run.state.losses}
+    report = build_report(run, weights, videos, meter.report(), step_timing(run.state.seconds, global_batch(run)),
+                          resumed_from_step, setup_s)
 
     def write() -> None:
-        atomic_write_text(out / "report.json", json.dumps(report, indent=1) + "\n")
+        atomic_write_text(out / REPORT_NAME, report.to_json())
         write_metrics(report, run.state, Path(metrics_dir) if metrics_dir else out)
 
-    main_process_then_meet(run, write)
+    main_process_then_meet(run.accelerator, write)
     return report
-
-
-def replica_digests(run: Run) -> list[str] | None:
-    """Under DDP every process must end with the same weights: one digest per process (None on
-    one process and where weights are sharded); processes that diverged fail the run."""
-    import hashlib
-
-    from accelerate.utils import gather_object
-
-    from cogvx.models.lora import trainable_state
-
-    if run.accelerator.num_processes == 1 or run.accelerator.distributed_type in SHARDED_TYPES:
-        return None
-    digest = hashlib.sha256()
-    for name, tensor in sorted(trainable_state(run.model).items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().float().cpu().numpy().tobytes())
-    digests = gather_object([digest.hexdigest()])
-    if len(set(digests)) > 1:
-        raise CogvxError(f"the {len(digests)} processes ended with different weights ({', '.join(d[:12] for d in digests)}); "
-                         "the saved weights are the main process's. Report this with the accelerate config used")
-    return digests
-
-
-def write_metrics(report: dict[str, Any], state: TrainState, out: Path) -> None:
-    """The run's figures for DVC and dashboards, in four files under ``out``.
-
-    metrics.json (final loss, steps) and curves.csv (loss, lr and grad norm per step) depend only
-    on the data and the config: an identical re-run writes the same bytes. What depends on the
-    machine and the moment goes to resources.json (s/step, samples/s, peak memory per phase) and
-    step_time.csv (seconds per step).
-    """
-    phases = report["memory"]["phases"]
-    metrics = {"final_loss": report["final_loss"], "steps": report["steps"]}
-    resources = {**report["timing"], "setup_s": report["setup_s"],
-                 **{f"{phase}_peak_allocated_gib": values["peak_allocated_gib"] for phase, values in phases.items()},
-                 **{f"{phase}_peak_reserved_gib": values["peak_reserved_gib"] for phase, values in phases.items()}}
-    by_step = {step: (lr, grad) for step, lr, grad in state.rates}
-    curve_rows = "".join(f"{step},{loss},{_csv_number(by_step.get(step, (None, None))[0])},"
-                         f"{_csv_number(by_step.get(step, (None, None))[1])}\n" for step, loss in state.losses)
-    time_rows = "".join(f"{step},{seconds:.4f}\n" for step, seconds in enumerate(state.seconds, start=1))
-    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1) + "\n")
-    atomic_write_text(out / "resources.json", json.dumps(resources, indent=1) + "\n")
-    atomic_write_text(out / "curves.csv", "step,loss,lr,grad_norm\n" + curve_rows)
-    atomic_write_text(out / "step_time.csv", "step,s_per_step\n" + time_rows)
-
-
-def _csv_number(value: float | None) -> str:
-    """A CSV cell: empty for a value not recorded (a checkpoint of an older version), else repr."""
-    return "" if value is None else repr(float(value))

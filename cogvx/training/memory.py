@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import resource
 import statistics
-from typing import Any
-
 import torch
+
+from cogvx.reports import MemoryReport, PhaseMemory, StepTiming
 
 GIB = 2**30
 
@@ -41,16 +41,17 @@ class MemoryMeter:
             "peak_reserved_gib": round(max(reserved, previous.get("peak_reserved_gib", 0.0)), 3),
         }
 
-    def report(self) -> dict[str, Any]:
+    def report(self) -> MemoryReport:
         kind = "cuda allocator" if self.device.type == "cuda" else "process peak RSS (CPU)"
-        return {"device": str(self.device), "measure": kind, "phases": self.phases}
+        return MemoryReport(device=str(self.device), measure=kind,
+                            phases={name: PhaseMemory(**peaks) for name, peaks in self.phases.items()})
 
 
-def step_timing(step_seconds: list[float], samples_per_step: int) -> dict[str, float]:
+def step_timing(step_seconds: list[float], samples_per_step: int) -> StepTiming:
     """Median seconds per optimizer step (first step left out: warm-up) and samples per second."""
     timed = step_seconds[1:] or step_seconds
     if not timed:
-        return {"s_per_step": 0.0, "samples_per_s": 0.0, "steps_timed": 0}
+        return StepTiming()
     median = statistics.median(timed)
-    return {"s_per_step": round(median, 4), "samples_per_s": round(samples_per_step / median, 3) if median else 0.0,
-            "steps_timed": len(timed)}
+    return StepTiming(s_per_step=round(median, 4), samples_per_s=round(samples_per_step / median, 3) if median else 0.0,
+                      steps_timed=len(timed))
