@@ -23,7 +23,7 @@ from rich.table import Table
 from cogvx import __version__
 from cogvx.config import Config, load_config, schema_rows
 from cogvx.errors import CogvxError, CogvxWarning
-from cogvx.models.specs import REGISTRY, TINY_VARIANTS
+from cogvx.models.specs import SPECS, TINY_VARIANTS
 
 app = typer.Typer(
     name="cogvx",
@@ -110,8 +110,8 @@ def config_schema(as_json: Annotated[bool, typer.Option("--json", help="Print th
 
 @app.command("models")
 def models(as_json: Annotated[bool, typer.Option("--json", help="Print every field as JSON.")] = False) -> None:
-    """List the model registry: the CogVideoX checkpoints and the tiny local stand-ins."""
-    specs = list(REGISTRY.values())
+    """List the model specs: the CogVideoX checkpoints and the tiny local stand-ins."""
+    specs = list(SPECS.values())
     if as_json:
         rows = [dict(variant=s.key, hub_id=s.hub_id, source=s.default_source, task=s.task,
                      version=s.generation, frames=s.frames, height=s.height, width=s.width,
@@ -122,7 +122,7 @@ def models(as_json: Annotated[bool, typer.Option("--json", help="Print every fie
                 for s in specs]
         print(json.dumps(rows, indent=2))
         return
-    table = Table(title="cogvx model registry", caption="LoRA targets: "
+    table = Table(title="cogvx models", caption="LoRA targets: "
                   + ", ".join(sorted({", ".join(s.lora_target_modules) for s in specs}))
                   + "; more fields: cogvx models --json")
     for column in ("variant", "source", "task", "ver", "clip FxHxW", "fps", "dtype", "frames", "VAE scale"):
@@ -150,14 +150,12 @@ def make_tiny_model(
     if not spec.tiny:
         raise CogvxError(f"model.variant = {spec.key!r} is a full-size model; make-tiny-model builds "
                          f"{', '.join(TINY_VARIANTS)}")
-    from cogvx.config import write_resolved_config
-    from cogvx.models.build import save_tiny_pipeline
+    from cogvx import stages
 
-    target = out_dir or Path(config.model_source)
     with err.status(f"building {spec.key} ..."):
-        save_tiny_pipeline(spec.key, target, seed=seed, overwrite=overwrite)
-    write_resolved_config(config, target)
-    out.print(f"wrote {spec.key} ({spec.task}, CogVideoX {spec.generation}) to {target}")
+        model = stages.build_base_model(config, out_dir or Path(config.model_source), seed=seed,
+                                        existing="replace" if overwrite else "fail")
+    out.print(f"wrote {spec.key} ({spec.task}, CogVideoX {spec.generation}) to {model.source}")
 
 
 @app.command("check")
@@ -166,9 +164,9 @@ def check(overrides: OverridesArg = None, params: ParamsOption = None,
           steps: Annotated[int, typer.Option(min=1, help="Denoising steps.")] = 2) -> None:
     """Load the configured base model and render a short clip, to prove the set-up end to end."""
     config = resolve_config(params, overrides)
-    from cogvx.check import run_check
+    from cogvx import stages
 
-    report = run_check(config, out_dir, steps=steps)
+    report = stages.check(config, out_dir, steps=steps)
     out.print_json(json.dumps(report))
     out.print(f"wrote {out_dir}/sample.mp4")
 
@@ -185,25 +183,6 @@ def with_accelerate_config(overrides: Optional[list[str]], section: str, acceler
     return [*(overrides or []), *([f"{section}.accelerate_config={accelerate_config}"] if accelerate_config else [])]
 
 
-def launched_elsewhere(accelerate_config: Optional[Path]) -> bool:
-    """With an accelerate config (option or params), run this same command under accelerate
-    launch and return True once it is done; False means: run it in this process (no config,
-    or this process is one of the launched ones)."""
-    from cogvx.distributed import relaunch, should_launch
-
-    if not should_launch(accelerate_config):
-        return False
-    code = relaunch(accelerate_config, sys.argv[1:])
-    if code == 130:
-        err.print("interrupted: every process stopped; a training run saved a checkpoint first "
-                  "(continue with --resume latest)")
-        raise typer.Exit(130)
-    if code != 0:
-        raise CogvxError(f"the processes launched with {accelerate_config} failed (exit status {code}); "
-                         "their messages are above")
-    return True
-
-
 SkipInvalidOption = Annotated[bool, typer.Option(
     "--skip-invalid", help="Drop invalid samples (with a JSON report) instead of stopping; same as data.skip_invalid=true.")]
 
@@ -215,19 +194,16 @@ def _with_skip_invalid(overrides: Optional[list[str]], skip_invalid: bool) -> li
 @data_app.command("validate")
 def data_validate(
     overrides: OverridesArg = None, params: ParamsOption = None, skip_invalid: SkipInvalidOption = False,
-    report: Annotated[Optional[Path], typer.Option(help="Where --skip-invalid writes its JSON report of dropped samples.")] = None,
+    report: Annotated[Optional[Path], typer.Option(help="Where --skip-invalid lists the dropped samples (JSON); default: prepare.output_dir/dropped.json.")] = None,
 ) -> None:
     """Check every sample of the data set (files, captions, clips) and report all problems at once."""
     config = resolve_config(params, _with_skip_invalid(overrides, skip_invalid))
-    from cogvx.data.validation import apply_policy, validate_dataset
+    from cogvx import stages
 
     with err.status(f"validating {config.data.data_root} ..."):
-        result = validate_dataset(config.data, min_frames=min(b.frames for b in config.buckets),
-                                  model_fps=config.spec.fps)
-    kept = apply_policy(result, config.data.skip_invalid, report)
-    dropped = len(result.samples) - len(kept)
-    note = f", dropped {dropped} (report: {report})" if dropped and report else (f", dropped {dropped}" if dropped else "")
-    out.print(f"{len(kept)} valid samples in {config.data.data_root}{note}")
+        checked = stages.validate_data(config, report)
+    note = f", dropped {checked.dropped} (report: {checked.report})" if checked.dropped else ""
+    out.print(f"{checked.valid} valid samples in {config.data.data_root}{note}")
 
 
 @data_app.command("synthetic")
@@ -249,12 +225,10 @@ def data_synthetic(
 def data_download(overrides: OverridesArg = None, params: ParamsOption = None) -> None:
     """Fetch data.source into data.data_root: synthetic clips, a hub dataset, a folder or an archive."""
     config = resolve_config(params, overrides)
-    from cogvx.data.download import fetch_dataset
+    from cogvx import stages
 
-    data = config.data
-    root = fetch_dataset(data.source, data.data_root, revision=data.revision,
-                         synthetic_clips=data.synthetic_clips, seed=data.seed)
-    out.print(f"data set from {data.source} is in {root}")
+    root = stages.download(config)
+    out.print(f"data set from {config.data.source} is in {root}")
 
 
 MetricsOption = Annotated[Optional[Path], typer.Option(
@@ -296,20 +270,19 @@ def prepare(
     """
     config = resolve_config(params, with_accelerate_config(_with_skip_invalid(overrides, skip_invalid), "prepare",
                                                           accelerate_config))
-    if launched_elsewhere(config.prepare.accelerate_config):
-        return
+    from cogvx import stages
     from cogvx.distributed import is_main_process
     from cogvx.io import atomic_write_text
-    from cogvx.prepare import run_prepare, write_prepare_metrics
 
-    result = run_prepare(config, prune=prune, log=err.print if as_json else out.print)
+    result = stages.prepare(config, prune=prune, log=err.print if as_json else out.print,
+                            metrics_dir=None if launched_by_cogvx() else metrics)
     if not is_main_process():
         return
     text = json.dumps(result.as_dict(), indent=2)
     if summary is not None:
         atomic_write_text(summary, text + "\n")
-    if metrics is not None:
-        write_prepare_metrics(result, metrics)
+    if launched_by_cogvx():  # the launching process prints the summary
+        return
     if as_json:
         print(text)
     else:
@@ -327,23 +300,32 @@ def print_summary(title: str, rows: list[tuple[str, str]]) -> None:
     out.print(table)
 
 
-def training_rows(report: dict) -> list[tuple[str, str]]:
-    """What a person wants to know after `cogvx train`: where the weights are, loss, speed, memory, MLflow."""
-    timing, phases = report["timing"], report["memory"]["phases"]
-    peak = max((values["peak_allocated_gib"] for values in phases.values()), default=0.0)
-    rows = [("steps", f"{report['steps']}" + (f" (resumed at {report['resumed_from_step']})" if report.get("resumed_from_step") else "")),
-            ("final loss", f"{report['final_loss']:.6g}" if report["final_loss"] is not None else "none"),
-            ("weights", f"{report['weights']} ({report['method']})"),
-            ("speed", f"{timing['s_per_step']:.3f} s/step, {timing['samples_per_s']:.3g} samples/s"),
-            ("peak memory", f"{peak:.2f} GiB ({report['memory']['measure']})")]
-    tracking = report.get("tracking") or {}
-    if tracking.get("run_id"):
-        state = "complete" if tracking.get("complete") else "INCOMPLETE (see the warning above)"
-        rows.append(("MLflow run", f"{tracking['run_id']} ({state})"))
-    if tracking.get("registered"):
-        registered = tracking["registered"]
-        rows.append(("registered", f"{registered['name']} version {registered['version']}"))
+def training_rows(report) -> list[tuple[str, str]]:
+    """What a person wants to know after `cogvx train` (a TrainingReport): where the weights are,
+    loss, speed, memory, MLflow."""
+    timing, resumed = report.timing, report.resumed_from_step
+    rows = [("steps", f"{report.steps}" + (f" (resumed at {resumed})" if resumed else "")),
+            ("final loss", f"{report.final_loss:.6g}" if report.final_loss is not None else "none"),
+            ("weights", f"{report.weights} ({report.method})"),
+            ("speed", f"{timing.s_per_step:.3f} s/step, {timing.samples_per_s:.3g} samples/s"),
+            ("peak memory", f"{report.memory.peak_allocated_gib:.2f} GiB ({report.memory.measure})")]
+    tracking = report.tracking
+    if tracking is not None and tracking.run_id:
+        state = "complete" if tracking.complete else "INCOMPLETE (see the warning above)"
+        rows.append(("MLflow run", f"{tracking.run_id} ({state})"))
+    if tracking is not None and tracking.registered:
+        rows.append(("registered", f"{tracking.registered['name']} version {tracking.registered['version']}"))
     return rows
+
+
+def launched_by_cogvx() -> bool:
+    """Whether this process is one that a cogvx stage launched (--accelerate-config): then the
+    launching process prints the summary, once."""
+    import os
+
+    from cogvx.distributed import LAUNCHED_MARK
+
+    return os.environ.get(LAUNCHED_MARK) == "1"
 
 
 @app.command("train")
@@ -358,18 +340,17 @@ def train(
     -m cogvx train); train.batch_size is per GPU.
     """
     config = resolve_config(params, with_accelerate_config(overrides, "train", accelerate_config))
-    if launched_elsewhere(config.train.accelerate_config):
-        return
+    from cogvx import stages
     from cogvx.distributed import is_main_process
-    from cogvx.training.loop import train as run_training
 
     # With --json, standard output holds the JSON alone; progress and notices go to standard error.
-    report = run_training(config, resume=resume, log=err.print if as_json else out.print, metrics_dir=metrics)
-    if not is_main_process():
+    report = stages.train(config, resume=resume, log=err.print if as_json else out.print, metrics_dir=metrics)
+    if not is_main_process() or launched_by_cogvx():  # the launching process prints the summary
         return
     if as_json:
         keys = ("steps", "final_loss", "method", "weights", "processes", "timing", "memory", "tracking")
-        print(json.dumps({key: report.get(key) for key in keys}, indent=1))
+        figures = report.to_dict()
+        print(json.dumps({key: figures.get(key) for key in keys}, indent=1))
     else:
         rows = [*training_rows(report), ("report", str(Path(config.train.output_dir) / "report.json"))]
         print_summary(f"trained {config.spec.key} ({config.train.method})", rows)
@@ -398,12 +379,13 @@ def generate(
     extra += [f"validate.height={height}"] if height else []
     extra += [f"validate.width={width}"] if width else []
     config = resolve_config(params, [*(overrides or []), *extra])
-    from cogvx.generate import GenerateRequest, generate as run_generate
+    from cogvx import stages
+    from cogvx.generate import GenerateRequest
 
     request = GenerateRequest(prompt=prompt or config.validate_.prompts[0], out=out_file, lora=lora,
                               lora_scale=lora_scale, transformer=transformer, weights=weights, steps=steps,
                               guidance_scale=guidance, seed=seed, fps=fps, image=image)
-    path = run_generate(config, request, log=out.print)
+    path = stages.generate(config, request, log=out.print)
     out.print(f"wrote {path}")
 
 
@@ -415,9 +397,9 @@ def registry_list(
 ) -> None:
     """List registered LoRA versions with their aliases and tags (tracking.tracking_uri)."""
     config = resolve_config(params, overrides)
-    from cogvx.tracking import list_registered
+    from cogvx import stages
 
-    rows = list_registered(config.tracking.tracking_uri, name)
+    rows = stages.list_registered(config, name)
     if as_json:
         print(json.dumps(rows, indent=2))
         return
@@ -440,9 +422,9 @@ def registry_promote(
 ) -> None:
     """Point an alias (default: champion) at a registered version; `generate --lora models:/NAME@ALIAS` uses it."""
     config = resolve_config(params, overrides)
-    from cogvx.tracking import promote
+    from cogvx import stages
 
-    done = promote(config.tracking.tracking_uri, name or config.tracking.registered_model, version, alias)
+    done = stages.promote(config, version, name, alias)
     out.print(f"{done['name']}@{done['alias']} -> version {done['version']}")
 
 
@@ -451,11 +433,9 @@ def tracking_replay(overrides: OverridesArg = None, params: ParamsOption = None)
     """Send what training could not send to MLflow (train.output_dir/mlflow-pending.jsonl), once the
     store is back: metrics, artifacts, the run's true end, and the LoRA's registration."""
     config = resolve_config(params, overrides)
-    from cogvx.runlock import run_lock
-    from cogvx.tracking import replay_pending
+    from cogvx import stages
 
-    with run_lock(config.train.output_dir, "train.output_dir", log=out.print):
-        done = replay_pending(config, log=out.print)
+    done = stages.replay_tracking(config, log=out.print)
     out.print(f"{len(done)} run(s) sent to {config.tracking.tracking_uri}")
 
 

@@ -1,10 +1,11 @@
 """Several processes (GPUs) with accelerate: launching, who is who, and splitting work.
 
-cogvx does not start processes itself: ``--accelerate-config FILE`` re-runs the same command
-under ``accelerate launch --config_file FILE -m cogvx ...`` (accelerate then runs DDP, FSDP or
-DeepSpeed as the file says), and ``accelerate launch -m cogvx train`` / ``torchrun -m cogvx``
-work directly. Inside, the rank and the number of processes come from the environment those
-launchers set, so they are known before any model or process group exists.
+A stage whose config names an accelerate config (``--accelerate-config FILE`` on the command line,
+or ``prepare.accelerate_config`` / ``train.accelerate_config``) runs itself under ``accelerate launch
+--config_file FILE -m cogvx ...`` with exactly its resolved config (:func:`run_launched`; accelerate
+then runs DDP, FSDP or DeepSpeed as the file says); ``accelerate launch -m cogvx train`` /
+``torchrun -m cogvx`` work directly. Inside, the rank and the number of processes come from the
+environment those launchers set, so they are known before any model or process group exists.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Sequence, TypeVar
 
-from cogvx.errors import ConfigError
+from cogvx.errors import CogvxError, ConfigError
 
 T = TypeVar("T")
 OPTION = "--accelerate-config"
@@ -74,18 +75,19 @@ def launch_command(config_file: Path, argv: Sequence[str]) -> list[str]:
             "-m", "cogvx", *strip_option(argv)]
 
 
-def relaunch(config_file: Path, argv: Sequence[str]) -> int:
+def relaunch(config_file: Path, argv: Sequence[str], stdout=None) -> int:
     """Run ``cogvx argv`` under accelerate launch with ``config_file``; return its exit code.
 
     SIGTERM sent to this process goes on to the launcher (which passes it to every process: they
     checkpoint at the same step and stop); SIGINT from a terminal reaches them all directly, so
     this process only waits. Either way the exit code is 130 when the run was stopped so.
+    ``stdout`` is where the processes' standard output goes (default: this process's).
     """
     if not Path(config_file).is_file():
         raise ConfigError(f"{OPTION} {config_file}: no such file; the files shipped with cogvx are in "
                           "configs/accelerate/ (e.g. ddp-2gpu.yaml)")
     env = {**os.environ, LAUNCHED_MARK: "1"}
-    process = subprocess.Popen(launch_command(config_file, argv), env=env)
+    process = subprocess.Popen(launch_command(config_file, argv), env=env, stdout=stdout)
     stopped: list[int] = []
 
     def forward(signum, _frame) -> None:
@@ -102,22 +104,40 @@ def relaunch(config_file: Path, argv: Sequence[str]) -> int:
     return 130 if stopped and code != 0 else code
 
 
+def _stderr_descriptor() -> int | None:
+    """This process's standard error as a file descriptor; None where it has none (a captured stream)."""
+    try:
+        return sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+class LaunchInterrupted(CogvxError):
+    """The launched processes were stopped by SIGINT/SIGTERM (a training run checkpointed first)."""
+
+    exit_code = 130
+
+
 def run_launched(config, command: str, extra: Sequence[str] = ()) -> None:
     """Run ``cogvx command`` on the processes of the command's accelerate_config, under exactly
-    ``config`` (written to a temporary params file), for callers that hold a config rather than
-    a command line (the Prefect tasks); a failure raises with what to look at."""
-    import tempfile
+    ``config`` (written to a temporary params file); a failure raises with what to look at.
 
-    from cogvx.errors import CogvxError
+    The processes' output is progress and notices, so it goes to standard error: standard output
+    stays for the caller's own summary (``--json`` prints JSON alone there).
+    """
+    import tempfile
 
     config_file = getattr(config, command).accelerate_config
     with tempfile.TemporaryDirectory(prefix="cogvx-launch-") as folder:
         params = Path(folder) / "params.yaml"
         params.write_text(config.to_yaml(), encoding="utf-8")
-        code = relaunch(config_file, [command, "--params", str(params), *extra])
+        code = relaunch(config_file, [command, "--params", str(params), *extra], stdout=_stderr_descriptor())
+    if code == 130:
+        raise LaunchInterrupted("interrupted: every process stopped; a training run saved a checkpoint first "
+                                "(continue with --resume latest)")
     if code != 0:
         raise CogvxError(f"`cogvx {command}` on the processes of {config_file} failed (exit status {code}); "
-                         "their messages are in this task's output")
+                         "their messages are above")
 
 
 class Processes:

@@ -1,18 +1,18 @@
 """The cogvx fine-tuning flow: base model -> download -> validate -> prepare -> train -> render -> register.
 
-Every step is a task in :mod:`tasks`, a thin wrapper over the cogvx library, so the flow runs the
-same code as the CLI and the DVC stages. Every task gets the same two plain inputs, ``params`` (a
+Every step is a task in :mod:`tasks`, a thin wrapper over one stage of :mod:`cogvx.stages`, so the
+flow runs the same code as the CLI and the DVC stages. Every task gets the same two plain inputs, ``params`` (a
 params.yaml path) and ``overrides`` (dotted ``section.key=value`` strings, as on the cogvx command
 line), and loads the config itself; nothing of the config is mirrored here.
 
 Run it once (from the project folder that holds params.yaml)::
 
-    python -m flows run [--params params.yaml] [--out-dir outputs/samples] [train.max_steps=50 ...]
+    cogvx flow run [--params params.yaml] [--out outputs/samples] [train.max_steps=50 ...]
 
 With no PREFECT_API_URL set, Prefect starts a temporary local server for the run. Run it on a
 schedule, without a work pool (the process stays up and runs each scheduled run itself)::
 
-    python -m flows serve --cron "0 3 * * *" [--name cogvx-finetune-scheduled] [overrides ...]
+    cogvx flow serve --cron "0 3 * * *" [--name cogvx-finetune-scheduled] [overrides ...]
 
 or deploy it to the ``cogvx-process`` work pool with ``prefect deploy`` (see prefect.yaml).
 Either way the deployment runs one flow run at a time (:data:`CONCURRENCY`): a run that comes

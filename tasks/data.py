@@ -2,8 +2,8 @@
 
 Like every cogvx task, each one takes ``params`` (a params.yaml path, or None for the built-in
 defaults) and ``overrides`` (dotted ``section.key=value`` strings), loads the config itself and
-calls one library function; all logic stays in cogvx. Plain strings are cheap to pass and are
-recorded by Prefect as the task run's parameters.
+calls one stage of :mod:`cogvx.stages`; all logic stays in cogvx. Plain strings are cheap to pass
+and are recorded by Prefect as the task run's parameters.
 
 Task caching is off (``cache_policy=NO_CACHE``): DVC owns staleness, and the library already
 skips work that is done (a data set already fetched from the same source is not fetched again).
@@ -13,12 +13,12 @@ Fault injection for tests (``COGVX_FAIL_ONCE`` / ``COGVX_FAIL_ONCE_MARKER``) is 
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from cogvx import stages
 from cogvx.config import load_config
 from tasks.common import fail_once, run_logger, worth_retrying
 
@@ -32,12 +32,9 @@ def download(params: str | None, overrides: list[str]) -> str:
     from the same source is left as it is.
     """
     fail_once("download")
-    from cogvx.data.download import fetch_dataset
-
-    data = load_config(params, overrides).data
-    root = fetch_dataset(data.source, data.data_root, revision=data.revision,
-                         synthetic_clips=data.synthetic_clips, seed=data.seed)
-    run_logger().info("data set from %s is in %s", data.source, root)
+    config = load_config(params, overrides)
+    root = stages.download(config)
+    run_logger().info("data set from %s is in %s", config.data.source, root)
     return str(root)
 
 
@@ -50,14 +47,8 @@ def validate(params: str | None, overrides: list[str]) -> dict[str, Any]:
     was dropped to ``prepare.output_dir/dropped.json`` (where `cogvx prepare` writes it too).
     """
     fail_once("validate")
-    from cogvx.data.validation import apply_policy, validate_dataset
-
     config = load_config(params, overrides)
-    report = validate_dataset(config.data, min_frames=min(b.frames for b in config.buckets))
-    report_path = Path(config.prepare.output_dir) / "dropped.json"
-    kept = apply_policy(report, config.data.skip_invalid, report_path)
-    dropped = len(report.samples) - len(kept)
-    run_logger().info("%d valid samples in %s%s", len(kept), config.data.data_root,
-                          f", dropped {dropped} (report: {report_path})" if dropped else "")
-    return {"samples": len(report.samples), "valid": len(kept), "dropped": dropped,
-            "problems": [str(problem) for problem in report.problems]}
+    checked = stages.validate_data(config)
+    run_logger().info("%d valid samples in %s%s", checked.valid, config.data.data_root,
+                      f", dropped {checked.dropped} (report: {checked.report})" if checked.dropped else "")
+    return checked.to_dict()

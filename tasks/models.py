@@ -1,26 +1,24 @@
 """Prefect tasks for the base model: build the tiny one locally, check that it renders.
 
 Each task loads the config itself from ``params`` + ``overrides`` (plain strings, cheap to pass
-and to record as task parameters) and calls one library function; all logic stays in cogvx.
-Heavy modules (torch, diffusers) are imported inside the tasks so importing the flow is fast.
+and to record as task parameters) and calls one stage of :mod:`cogvx.stages`; all logic stays in
+cogvx. Heavy modules (torch, diffusers) are imported inside the stages, so importing the flow is fast.
 
 Task caching is off (``cache_policy=NO_CACHE``): DVC owns staleness, and an existing model folder
-is reused by the task itself. Fault injection for tests (``COGVX_FAIL_ONCE`` /
+is reused by the stage itself. Fault injection for tests (``COGVX_FAIL_ONCE`` /
 ``COGVX_FAIL_ONCE_MARKER``) is described in :mod:`tasks.common`.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from cogvx.config import load_config, write_resolved_config
+from cogvx import stages
+from cogvx.config import load_config
 from tasks.common import fail_once, worth_retrying
-
-MODEL_INDEX = "model_index.json"
 
 
 @task(name="build-base-model", retries=0, cache_policy=NO_CACHE)
@@ -33,14 +31,7 @@ def build_base_model(params: str | None, overrides: list[str]) -> str:
     weights are fetched from the hub when first loaded (by prepare). No retries: the work is local and deterministic.
     """
     fail_once("build-base-model")
-    config = load_config(params, overrides)
-    folder = config.model_source
-    if config.spec.tiny and not (Path(folder) / MODEL_INDEX).is_file():
-        from cogvx.models.build import save_tiny_pipeline
-
-        save_tiny_pipeline(config.spec.key, folder, overwrite=True)
-        write_resolved_config(config, folder)
-    return str(folder)
+    return stages.build_base_model(load_config(params, overrides), existing="reuse").source
 
 
 @task(name="check-model", retries=1, retry_condition_fn=worth_retrying, cache_policy=NO_CACHE)
@@ -50,6 +41,4 @@ def check_model(params: str | None, overrides: list[str], out_dir: str) -> dict[
     One retry covers a transient failure (e.g. a flaky hub download while loading).
     """
     fail_once("check-model")
-    from cogvx.check import run_check
-
-    return run_check(load_config(params, overrides), out_dir)
+    return stages.check(load_config(params, overrides), out_dir)

@@ -2,8 +2,9 @@
 
 Like every cogvx task, each one takes ``params`` (a params.yaml path, or None for the built-in
 defaults) and ``overrides`` (dotted ``section.key=value`` strings), loads the config itself and
-calls one library function; all logic stays in cogvx. Heavy modules (torch, diffusers, mlflow)
-are imported inside the tasks, so importing the flow is fast.
+calls one stage of :mod:`cogvx.stages`; all logic stays in cogvx. Heavy modules (torch, diffusers,
+mlflow) are imported inside the stages, so importing the flow is fast. A stage whose config names
+an accelerate config launches its processes itself.
 
 Task caching is off (``cache_policy=NO_CACHE``): DVC owns staleness, and the library skips
 finished work itself (content-addressed latents, ``train(resume="latest")``), so a Prefect cache
@@ -23,8 +24,9 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from cogvx import stages
 from cogvx.config import load_config
-from cogvx.distributed import should_launch
+from cogvx.reports import REPORT_NAME, TrackingOutcome
 from tasks.common import fail_once, run_logger, worth_retrying
 from tasks.forking import install as install_fork_fix
 
@@ -42,29 +44,10 @@ def prepare(params: str | None, overrides: list[str]) -> dict[str, Any]:
     One retry: the latents are content-addressed, so a retry only encodes what is missing.
     """
     fail_once("prepare")
-    from cogvx.prepare import run_prepare
-
     logger = run_logger()
-    config = load_config(params, overrides)
-    if should_launch(config.prepare.accelerate_config):
-        summary = launched_prepare(config)
-    else:
-        summary = run_prepare(config, log=logger.info).as_dict()
+    summary = stages.prepare(load_config(params, overrides), log=logger.info).as_dict()
     logger.info("prepare: %s", summary)
     return summary
-
-
-def launched_prepare(config) -> dict[str, Any]:
-    """`cogvx prepare` on the processes of prepare.accelerate_config; its summary."""
-    import json
-    import tempfile
-
-    from cogvx.distributed import run_launched
-
-    with tempfile.TemporaryDirectory(prefix="cogvx-prepare-") as folder:
-        summary = Path(folder) / "summary.json"
-        run_launched(config, "prepare", ["--summary", str(summary)])
-        return json.loads(summary.read_text(encoding="utf-8"))
 
 
 @task(name="train", retries=2, retry_delay_seconds=2, retry_condition_fn=worth_retrying,
@@ -82,36 +65,20 @@ def train(params: str | None, overrides: list[str]) -> dict[str, Any]:
     fail_once("train")
     from prefect.runtime import task_run
 
-    from cogvx.training.loop import train as run_training
-
     logger = run_logger()
     config = load_config(params, overrides)
-    if should_launch(config.train.accelerate_config):
-        report = launched_train(config)
-    else:
-        report = run_training(config, resume="latest", log=logger.info,
-                              on_step=lambda step, *_: fail_once("train", step))
-    steps_recovered = report["resumed_from_step"]
-    tracking = report.get("tracking") or {}  # the MLflow run, when tracking.enabled
+    report = stages.train(config, resume="latest", log=logger.info,
+                          on_step=lambda step, *_: fail_once("train", step))
+    recovered = report.resumed_from_step
+    tracking = report.tracking or TrackingOutcome()  # the MLflow run, when tracking.enabled
     logger.info("train attempt %s: recovered %d of %d steps from a checkpoint, trained %d; "
-                "final loss %s; weights in %s", task_run.run_count, steps_recovered, report["steps"],
-                report["steps"] - steps_recovered, report["final_loss"], report["weights"])
-    return {"steps": report["steps"], "final_loss": report["final_loss"], "weights": report["weights"],
-            "method": report["method"], "validation_videos": report["validation_videos"],
-            "recovered_steps": steps_recovered, "recovery_s": report["setup_s"] if steps_recovered else 0.0,
-            "run_id": tracking.get("run_id"),
-            "registered": tracking.get("registered"),
-            "report": str(Path(config.train.output_dir) / "report.json")}
-
-
-def launched_train(config) -> dict[str, Any]:
-    """`cogvx train --resume latest` on the processes of train.accelerate_config; its report."""
-    import json
-
-    from cogvx.distributed import run_launched
-
-    run_launched(config, "train", ["--resume", "latest"])
-    return json.loads((Path(config.train.output_dir) / "report.json").read_text(encoding="utf-8"))
+                "final loss %s; weights in %s", task_run.run_count, recovered, report.steps,
+                report.steps - recovered, report.final_loss, report.weights)
+    return {"steps": report.steps, "final_loss": report.final_loss, "weights": report.weights,
+            "method": report.method, "validation_videos": report.validation_videos,
+            "recovered_steps": recovered, "recovery_s": report.setup_s if recovered else 0.0,
+            "run_id": tracking.run_id, "registered": tracking.registered,
+            "report": str(Path(config.train.output_dir) / REPORT_NAME)}
 
 
 @task(name="render", retries=2, retry_delay_seconds=2, retry_condition_fn=worth_retrying,
@@ -124,13 +91,13 @@ def render(params: str | None, overrides: list[str], weights: str,
     transformer folder (train.method=full).
     """
     fail_once("render")
-    from cogvx.generate import GenerateRequest, generate
+    from cogvx.generate import GenerateRequest
 
     config = load_config(params, overrides)
     logger = run_logger()
     request = GenerateRequest(prompt=config.validate_.prompts[0], out=Path(out_dir) / SAMPLE_NAME,
                               weights=Path(weights))
-    path = generate(config, request, log=logger.info)
+    path = stages.generate(config, request, log=logger.info)
     logger.info("rendered %s", path)
     return str(path)
 
@@ -139,7 +106,7 @@ def render(params: str | None, overrides: list[str], weights: str,
       cache_policy=NO_CACHE)
 def register(params: str | None, overrides: list[str], weights: str, run_id: str | None = None,
              registered: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Register the trained LoRA in the MLflow model registry (cogvx.tracking.register_lora).
+    """Register the trained LoRA in the MLflow model registry (:func:`cogvx.stages.register`).
 
     ``run_id`` links the version to the training run. Returns ``{"skipped": "tracking disabled"}``
     without importing MLflow when tracking.enabled is false, and ``registered`` as it is when
@@ -159,8 +126,6 @@ def register(params: str | None, overrides: list[str], weights: str, run_id: str
     if registered:
         logger.info("train already registered %s: %s", weights, registered)
         return dict(registered)
-    from cogvx.tracking import register_lora
-
-    result = register_lora(Path(weights), config, run_id)
+    result = stages.register(config, Path(weights), run_id)
     logger.info("registered %s: %s", weights, result)
     return result

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cogvx.config import DataConfig
+from cogvx.config import Config, DataConfig
 from cogvx.data.listing import Problem, Sample, printable, read_samples, resolve_path
 from cogvx.data.video import VideoError, VideoInfo, file_problem, probe_video, usable_frame_count
 from cogvx.errors import CogvxError
@@ -243,3 +243,21 @@ def _advice(report: ValidationReport) -> str:
     if not report.listed:
         return "Fix the listed problems: no sample could be read."
     return "Fix the listed problems: no sample is usable (data.skip_invalid=true would leave nothing)."
+
+
+DROPPED_REPORT = "dropped.json"
+
+
+def dropped_report_path(config: Config) -> Path:
+    """Where the samples data.skip_invalid drops are listed: prepare.output_dir/dropped.json, beside
+    the latents made without them (validation, prepare and the flow all write it there)."""
+    return Path(config.prepare.output_dir) / DROPPED_REPORT
+
+
+def validated_samples(config: Config, report_path: Path | None) -> tuple[ValidationReport, list[Sample]]:
+    """Validate the configured data set at the run's shortest bucket and sampling rate, then apply
+    data.skip_invalid (the report written to ``report_path``; None writes none, e.g. on the
+    processes of a launch other than the main one)."""
+    report = validate_dataset(config.data, min_frames=min(bucket.frames for bucket in config.buckets),
+                              model_fps=config.spec.fps)
+    return report, apply_policy(report, config.data.skip_invalid, report_path)
