@@ -1,8 +1,9 @@
 """`cogvx check`: load the configured base model and render a short clip, end to end.
 
 It proves, before a long run, that the config is valid, the weights load through the same loader
-every stage uses, the architecture matches the chosen variant, and the configured clip size runs
-through text encoder, transformer and VAE. It writes the clip, a JSON report and the resolved
+every stage uses, the architecture matches the chosen variant, and a clip of the size validation
+and `cogvx generate` render (cogvx.inference.render_settings) runs through text encoder,
+transformer and VAE. It writes the clip, a JSON report and the resolved
 config into its output folder.
 """
 
@@ -21,7 +22,7 @@ def run_check(config: Config, out_dir: str | Path, steps: int = 2) -> dict[str, 
     """Render the first validation prompt with ``steps`` denoising steps; return the report."""
     import numpy as np
 
-    from cogvx.inference import pick_device, prepare_for_device, render, write_video
+    from cogvx.inference import pick_device, prepare_for_device, render, render_settings, write_video
     from cogvx.models.loader import load_pipeline, resolve_dtype
 
     out_dir = Path(out_dir)
@@ -33,12 +34,12 @@ def run_check(config: Config, out_dir: str | Path, steps: int = 2) -> dict[str, 
                          cache_dir=config.model.cache_dir)
     prepare_for_device(pipe, device)
     loaded = time.perf_counter()
-    video = render(pipe, config.validate_.prompts[0], frames=config.frames, height=config.height,
-                   width=config.width, steps=steps, guidance_scale=config.validate_.guidance_scale,
+    size = render_settings(config)
+    video = render(pipe, config.validate_.prompts[0], frames=size.frames, height=size.height,
+                   width=size.width, steps=steps, guidance_scale=config.validate_.guidance_scale,
                    seed=config.validate_.seed)
     rendered = time.perf_counter()
-    fps = config.validate_.fps or config.sample_fps or spec.fps
-    write_video(video, out_dir / "sample.mp4", fps=fps)
+    write_video(video, out_dir / "sample.mp4", fps=size.fps)
     report = {
         "model": spec.key, "source": config.model_source, "device": str(device),
         "dtype": str(dtype).removeprefix("torch."), "frames": int(video.shape[0]),

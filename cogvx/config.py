@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from cogvx.errors import ConfigError
 from cogvx.io import atomic_write_text
-from cogvx.models.specs import REGISTRY, get_spec, resolve_key
+from cogvx.models.specs import SPECS, get_spec, resolve_key
 
 RESOLVED_CONFIG_NAME = "cogvx-config.yaml"
 MAX_PARAMS_BYTES = 1 << 20
@@ -125,7 +125,7 @@ class ModelConfig(Section):
     def _known_variant(cls, value: str) -> str:
         key = resolve_key(value)
         if key is None:
-            raise ValueError(f"unknown model; known variants: {', '.join(REGISTRY)}")
+            raise ValueError(f"unknown model; known variants: {', '.join(SPECS)}")
         return key
 
 
@@ -411,7 +411,7 @@ def _frame_problems(variant: Any, frames_by_key: dict[str, Any]) -> list[str]:
     key = resolve_key(variant) if isinstance(variant, str) else None
     if key is None:
         return []
-    spec = REGISTRY[key]
+    spec = SPECS[key]
     problems = []
     for name, frames in frames_by_key.items():
         if isinstance(frames, int) and frames >= 2 and not spec.frame_rule.accepts(frames):

@@ -5,17 +5,22 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cogvx.config import Config
 from cogvx.errors import CogvxError
 from cogvx.models.specs import get_spec, resolve_key
+
+if TYPE_CHECKING:
+    from cogvx.inference import RenderSettings
 
 ADAPTER = "cogvx"
 
 
 @dataclass
 class GenerateRequest:
-    """What to render; None fields fall back to the training size and the validate section."""
+    """What to render; None fields fall back to the validate section, then the training size
+    (size and fps: :func:`cogvx.inference.render_settings`)."""
 
     prompt: str
     out: Path
@@ -154,6 +159,13 @@ def _quantize_for_rendering(pipe, device, has_lora: bool, log=print) -> None:
     log(f"fp8 compute: {layers} linear layers of the transformer quantized (per-row scales)")
 
 
+def request_settings(config: Config, request: GenerateRequest) -> RenderSettings:
+    """The request's size and fps, unset values by the one rule every render follows."""
+    from cogvx.inference import render_settings
+
+    return render_settings(config, request.frames, request.height, request.width, request.fps)
+
+
 def render_request(pipe, config: Config, request: GenerateRequest, device, log=print):
     """Render the request's clip: uint8 frames [F, H, W, 3]."""
     from PIL import Image
@@ -161,18 +173,15 @@ def render_request(pipe, config: Config, request: GenerateRequest, device, log=p
     from cogvx.inference import render
     from cogvx.models.performance import TransformerAttentionBackend
 
-    bucket, validate = config.buckets[0], config.validate_
+    validate, size = config.validate_, request_settings(config, request)
     image = Image.open(request.image).convert("RGB") if request.image else None
-    frames = request.frames or validate.frames or bucket.frames
     with TransformerAttentionBackend(pipe.transformer, config.train.attention_backend, device):
-        video = render(pipe, request.prompt, frames=frames,
-                       height=request.height or validate.height or bucket.height,
-                       width=request.width or validate.width or bucket.width,
+        video = render(pipe, request.prompt, frames=size.frames, height=size.height, width=size.width,
                        steps=request.steps or validate.num_inference_steps,
                        guidance_scale=validate.guidance_scale if request.guidance_scale is None else request.guidance_scale,
                        seed=validate.seed if request.seed is None else request.seed, image=image)
-    if video.shape[0] != frames:
-        log(f"note: the pipeline returned {video.shape[0]} frames for {frames} asked "
+    if video.shape[0] != size.frames:
+        log(f"note: the pipeline returned {video.shape[0]} frames for {size.frames} asked "
             "(CogVideoX 1.0 decodes exactly when (frames - 1) / 4 + 1 is odd, e.g. 9, 17, 25, 49)")
     return video
 
@@ -183,4 +192,4 @@ def generate(config: Config, request: GenerateRequest, log=print) -> Path:
 
     pipe, device = generation_pipeline(config, request, log)
     video = render_request(pipe, config, request, device, log)
-    return write_video(video, request.out, request.fps or config.validate_.fps or config.spec.fps)
+    return write_video(video, request.out, request_settings(config, request).fps)

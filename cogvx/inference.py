@@ -3,13 +3,48 @@
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
 
 from cogvx.io import atomic_file
+
+if TYPE_CHECKING:
+    from cogvx.config import Config
+
+
+@dataclass(frozen=True)
+class RenderSettings:
+    """The size of a rendered clip and the rate its mp4 plays at."""
+
+    frames: int
+    height: int
+    width: int
+    fps: int
+
+
+def render_settings(config: Config, frames: int | None = None, height: int | None = None,
+                    width: int | None = None, fps: int | None = None) -> RenderSettings:
+    """What a render uses, by one rule for `cogvx generate`, in-training validation and `cogvx check`.
+
+    Size: the value asked for (a generate request), else validate.frames/height/width, else the
+    first training bucket: the shape the model is trained at, so a LoRA is seen at its own size.
+    Rate: the one asked for, else validate.fps, else the rate training took the clips' frames at
+    (data.fps, Config.sample_fps), else the model's own, so motion plays at the speed training saw.
+    One rule, because the clip `cogvx check` proves runs before training, the clips validation
+    writes during it and the one generate renders afterwards should have the same size and speed
+    for the same config; they used three different fallbacks before. An unset (None or 0) value
+    falls through to the next.
+    """
+    validate, bucket = config.validate_, config.buckets[0]
+    return RenderSettings(frames=frames or validate.frames or bucket.frames,
+                          height=height or validate.height or bucket.height,
+                          width=width or validate.width or bucket.width,
+                          fps=fps or validate.fps or config.sample_fps or config.spec.fps)
 
 
 def pick_device() -> torch.device:

@@ -18,20 +18,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 
-from cogvx import __version__
 from cogvx.config import Config, write_resolved_config
 from cogvx.data.buckets import Bucket, BucketBatchSampler, assign_bucket
-from cogvx.data.latents import (MANIFEST_FORMAT, LatentsError, is_complete, read_manifest, text_file,
-                                video_file, write_manifest)
+from cogvx.data.latents import (TEXT_TENSORS, VIDEO_LATENT, LatentsError, build_manifest, is_complete,
+                                manifest_entry, posterior_tensors, prune_unreferenced, remove_partial_files,
+                                save_tensors, text_file, video_file, write_manifest)
 from cogvx.hashing import content_key, file_sha256
-from cogvx.io import atomic_file, atomic_write_text
+from cogvx.io import atomic_write_text
+from cogvx.models.conditioning import conditioning_for
+from cogvx.models.constants import MAX_TEXT_TOKENS
 
-VIDEO_TENSORS = ("latent_mean", "latent_logvar")
-IMAGE_TENSORS = ("image_latent_mean", "image_latent_logvar")
-TEXT_TENSORS = ("prompt_embeds",)
-MAX_TEXT_TOKENS = 226
 TEXT_BATCH = 8
 
 
@@ -48,6 +45,11 @@ class Plan:
     video_key: str
     text_key: str
     crop_seed: int
+
+    def manifest_entry(self) -> dict[str, Any]:
+        """This sample's entry in the manifest."""
+        return manifest_entry(origin=self.origin, video=self.video_rel, caption=self.caption, image=self.image,
+                              bucket=self.bucket, video_key=self.video_key, text_key=self.text_key)
 
 
 @dataclass
@@ -98,7 +100,7 @@ def plan_samples(samples, infos, config: Config, folder: Path) -> list[Plan]:
     data, fps = config.data, config.sample_fps
     vae_id = content_key(**model_identity(folder, "vae"))
     encoder_id = text_encoder_id(folder)
-    wants_image = config.spec.task == "i2v"
+    conditioning = conditioning_for(config.spec)
     plans = []
     for sample in samples:
         info = infos[sample.video]
@@ -106,12 +108,11 @@ def plan_samples(samples, infos, config: Config, folder: Path) -> list[Plan]:
         bucket = assign_bucket(usable, info.height, info.width, config.buckets)
         # Seeds the crop, the flip and the random frame window: the same clip, the same draws.
         crop_seed = int(content_key(seed=data.seed, video=sample.video_rel)[:8], 16)
-        image_source = (file_sha256(sample.image) if sample.image else "first-frame") if wants_image else None
         video_key = content_key(
             clip=file_sha256(sample.video), bucket=str(bucket), fps=fps, sampling=data.frame_sampling,
             skip=(data.skip_frames_start, data.skip_frames_end), mode=data.resize_mode,
             flip=data.random_flip, crop_seed=crop_seed, vae=vae_id, dtype=config.model.dtype,
-            image=image_source, image_noise=data.image_noise if wants_image else None)
+            **conditioning.key_fields(sample.image, data))
         caption = f"{data.id_token} {sample.caption}" if data.id_token else sample.caption
         plans.append(Plan(origin=sample.origin, video=sample.video, video_rel=sample.video_rel,
                           image=sample.image, caption=caption, bucket=bucket, video_key=video_key,
@@ -193,13 +194,13 @@ class ClipDataset(torch.utils.data.Dataset):
     def __init__(self, plans: list[Plan], infos, config: Config) -> None:
         self.plans, self.infos, self.data = plans, infos, config.data
         self.fps = config.sample_fps
-        self.with_image = config.spec.task == "i2v"
+        self.conditioning = conditioning_for(config.spec)
 
     def __len__(self) -> int:
         return len(self.plans)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        from cogvx.data.video import fit_to_size, load_clip
+        from cogvx.data.video import load_clip
 
         plan, data = self.plans[index], self.data
         generator = torch.Generator().manual_seed(plan.crop_seed)
@@ -208,32 +209,8 @@ class ClipDataset(torch.utils.data.Dataset):
                           skip_end=data.skip_frames_end, mode=data.resize_mode,
                           flip_probability=data.random_flip, generator=generator,
                           frame_sampling=data.frame_sampling, sample_seed=plan.crop_seed)  # [F, C, H, W]
-        item: dict[str, Any] = {"key": plan.video_key, "video": video}
-        if self.with_image:
-            if plan.image is not None:
-                pixels = torch.from_numpy(_read_rgb(plan.image))[None]  # [1, H, W, 3]
-                image_gen = torch.Generator().manual_seed(plan.crop_seed)
-                item["image"] = fit_to_size(pixels, plan.bucket.height, plan.bucket.width,
-                                            data.resize_mode, image_gen)  # [1, C, H, W]
-            else:
-                item["image"] = video[:1].clone()  # [1, C, H, W]: the clip's first frame
-            if data.image_noise:
-                item["image"] = add_pixel_noise(item["image"], plan.crop_seed)
-        return item
-
-
-def add_pixel_noise(image: torch.Tensor, seed: int) -> torch.Tensor:
-    """Image-to-video conditioning noise: sigma = exp(N(-3, 0.5)), drawn once per clip (seeded)."""
-    generator = torch.Generator().manual_seed(seed + 1)
-    sigma = torch.exp(torch.normal(-3.0, 0.5, (1,), generator=generator))
-    return image + sigma * torch.randn(image.shape, generator=generator)
-
-
-def _read_rgb(path: Path):
-    import numpy as np
-
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))  # [H, W, 3]
+        extras = self.conditioning.make_pixels(video, plan.image, plan.bucket, data, plan.crop_seed)
+        return {"key": plan.video_key, "video": video, **extras}  # extras: e.g. image [1, C, H, W]
 
 
 def encode_videos(pipe, plans: list[Plan], infos, config: Config, out: Path, device, dtype, progress,
@@ -246,6 +223,7 @@ def encode_videos(pipe, plans: list[Plan], infos, config: Config, out: Path, dev
         return 0
     seconds = seconds if seconds is not None else {}
     dataset = ClipDataset(plans, infos, config)
+    extra_latents = dataset.conditioning.extra_latents
     sampler = BucketBatchSampler([p.bucket for p in plans], config.prepare.batch_size, shuffle=False)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler,
                                          num_workers=config.prepare.num_workers,
@@ -255,14 +233,13 @@ def encode_videos(pipe, plans: list[Plan], infos, config: Config, out: Path, dev
     for batch in loader:
         clock = _lap(seconds, "decode_wait", clock)
         with torch.no_grad():
-            tensors = {"latent": _encode(pipe.vae, batch["video"], device, dtype)}
-            if "image" in batch:
-                tensors["image_latent"] = _encode(pipe.vae, batch["image"], device, dtype)
+            posteriors = {VIDEO_LATENT: _encode(pipe.vae, batch["video"], device, dtype)}
+            for pixels, latent in extra_latents:
+                posteriors[latent] = _encode(pipe.vae, batch[pixels], device, dtype)
         clock = _lap(seconds, "vae", clock)
         for row, key in enumerate(batch["key"]):
-            save_tensors(video_file(out, key), {f"{name}_{part}": value[row]
-                                         for name, (mean, logvar) in tensors.items()
-                                         for part, value in (("mean", mean), ("logvar", logvar))})
+            save_tensors(video_file(out, key), {name: value[row] for latent, pair in posteriors.items()
+                                                for name, value in zip(posterior_tensors(latent), pair)})
         encoded += len(batch["key"])
         progress.update(len(batch["key"]))
         clock = _lap(seconds, "write", clock)
@@ -294,62 +271,8 @@ def encode_texts(pipe, captions: dict[str, str], out: Path, device, dtype) -> in
                                            max_sequence_length=MAX_TEXT_TOKENS, device=device,
                                            dtype=dtype)  # [B, L, D]
         for row, (key, _) in enumerate(chunk):
-            save_tensors(text_file(out, key), {"prompt_embeds": embeds[row].float().cpu()})
+            save_tensors(text_file(out, key), {TEXT_TENSORS[0]: embeds[row].float().cpu()})
     return len(items)
-
-
-def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """Write tensors to a safetensors file atomically, tagged with the latents format; a failed
-    write (full disk, quota) leaves no partial file and says how to continue."""
-    from safetensors import SafetensorError
-    from safetensors.torch import save_file
-
-    try:
-        with atomic_file(path, suffix=".safetensors") as tmp:
-            save_file({name: t.contiguous() for name, t in tensors.items()}, str(tmp),
-                      metadata={"format": MANIFEST_FORMAT})
-    except (OSError, SafetensorError) as err:
-        raise LatentsError(f"could not write {path} ({err}); the latents already written are kept. "
-                           "Free disk space, then run `cogvx prepare` again: it encodes only what is missing") from None
-
-
-def build_manifest(config: Config, plans: list[Plan], source: str, empty_key: str) -> dict[str, Any]:
-    """Everything training needs to trust the files: model, buckets, config, one entry per sample."""
-    spec = config.spec
-    return {
-        "format": MANIFEST_FORMAT,
-        "created_by": f"cogvx {__version__}",
-        "model": {"variant": spec.key, "source": source, "task": spec.task,
-                  "generation": spec.generation, "vae_scaling_factor": spec.vae_scaling_factor,
-                  "invert_scale_latents": spec.invert_scale_latents},
-        "buckets": sorted({str(plan.bucket) for plan in plans}),
-        "empty_text_key": empty_key,
-        "prepare": config.prepare.model_dump(mode="json"),
-        "data": config.data.model_dump(mode="json"),
-        "entries": [{"origin": p.origin, "video": p.video_rel, "caption": p.caption,
-                     "image": str(p.image) if p.image else None, "bucket": str(p.bucket),
-                     "frames": p.bucket.frames, "latent_frames": (p.bucket.frames - 1) // 4 + 1,
-                     "video_key": p.video_key, "text_key": p.text_key} for p in plans],
-    }
-
-
-def remove_partial_files(out: Path) -> None:
-    """Temporary files a killed run left behind (atomic writes that never got renamed)."""
-    for folder in (out / "videos", out / "texts"):
-        for leftover in folder.glob(".*.safetensors"):
-            leftover.unlink()
-
-
-def prune_unreferenced(out: Path, plans: list[Plan]) -> int:
-    """Delete latents no entry of the new manifest uses; returns how many."""
-    keep = {video_file(out, p.video_key) for p in plans} | {text_file(out, p.text_key) for p in plans}
-    keep |= set((out / "texts").glob(f"{read_manifest(out)['empty_text_key']}.safetensors"))
-    removed = 0
-    for path in [*(out / "videos").glob("[!.]*.safetensors"), *(out / "texts").glob("[!.]*.safetensors")]:
-        if path not in keep:
-            path.unlink()
-            removed += 1
-    return removed
 
 
 def _peak_memory(device: torch.device) -> tuple[float, str]:
@@ -384,16 +307,14 @@ def prepare_latents(config: Config, prune: bool = False, log=print) -> PrepareSu
     clips and captions into the shared folders (files are named by content, so shares never
     collide); the main process checks that every planned file is there and writes the manifest.
     """
-    from cogvx.data.validation import apply_policy, validate_dataset
+    from cogvx.data.validation import dropped_report_path, validated_samples
     from cogvx.distributed import Processes, shard
     from cogvx.models.loader import resolve_source
 
     started = time.perf_counter()
     processes = Processes(config.train.process_group_timeout_minutes)
     out = Path(config.prepare.output_dir)
-    report = validate_dataset(config.data, min_frames=min(b.frames for b in config.buckets),
-                              model_fps=config.spec.fps)
-    samples = apply_policy(report, config.data.skip_invalid, out / "dropped.json" if processes.is_main else None)
+    report, samples = validated_samples(config, dropped_report_path(config) if processes.is_main else None)
     spec = config.spec
     folder = resolve_source(config.model_source, config.model.revision, config.model.cache_dir, spec)
     plans = plan_samples(samples, report.infos, config, folder)
@@ -406,7 +327,7 @@ def prepare_latents(config: Config, prune: bool = False, log=print) -> PrepareSu
         (out / "texts").mkdir(parents=True, exist_ok=True)
         remove_partial_files(out)
     processes.wait()  # no process looks for missing files before the leftovers are gone
-    names = VIDEO_TENSORS + (IMAGE_TENSORS if spec.task == "i2v" else ())
+    names = conditioning_for(spec).video_tensors
     todo_videos = list({p.video_key: p for p in plans if not is_complete(video_file(out, p.video_key), names)}.values())
     empty_key = text_key("", text_encoder_id(folder), config)  # for caption dropout
     captions = {empty_key: "", **{p.text_key: p.caption for p in plans}}
@@ -418,10 +339,10 @@ def prepare_latents(config: Config, prune: bool = False, log=print) -> PrepareSu
     processes.wait()  # every share is on disk
     if processes.is_main:
         check_complete(out, plans, names)
-        write_manifest(out, build_manifest(config, plans, config.model_source, empty_key))
+        write_manifest(out, build_manifest(config, [p.manifest_entry() for p in plans], config.model_source, empty_key))
         write_resolved_config(config, out)
         if prune:
-            log(f"pruned {prune_unreferenced(out, plans)} unreferenced latent files")
+            log(f"pruned {prune_unreferenced(out)} unreferenced latent files")
     processes.wait()
     return summarize(shares, len(plans), len(todo_videos), len(report.samples) - len(samples),
                      time.perf_counter() - started, sampling)

@@ -87,30 +87,37 @@ def _diffusers_version() -> str:
 
 
 def write_random_latents(config: Config, root: Path, samples: int = 2, seed: int = 0) -> Path:
-    """``samples`` entries of random latents at the config's first bucket, in prepare's layout."""
-    from cogvx.data.latents import text_file, video_file, write_manifest
+    """``samples`` entries of random latents at the config's first bucket, in prepare's layout
+    (the latents format's own writer and manifest): the clip's posterior, the conditioning's
+    (one latent frame each, e.g. the first-frame image), and a caption embedding per sample."""
+    from cogvx.data.latents import (TEXT_TENSORS, VIDEO_LATENT, build_manifest, manifest_entry, posterior_tensors,
+                                    save_tensors, text_file, video_file, write_manifest)
     from cogvx.hashing import content_key
-    from cogvx.prepare import Plan, build_manifest, save_tensors
+    from cogvx.models.conditioning import conditioning_for
+    from cogvx.models.constants import VAE_SPATIAL_SCALE, latent_frame_count
 
     root, spec, bucket = Path(root), config.spec, config.buckets[0]
     generator = torch.Generator().manual_seed(seed)
-    latent_shape = ((bucket.frames - 1) // 4 + 1, 16, bucket.height // 8, bucket.width // 8)  # [F', C, h, w]
-    text_shape = (226, spec.transformer["text_embed_dim"])  # [L, D]
+    latent_shape = (latent_frame_count(bucket.frames), spec.vae["latent_channels"],
+                    bucket.height // VAE_SPATIAL_SCALE, bucket.width // VAE_SPATIAL_SCALE)  # [F', C, h, w]
+    text_shape = (spec.transformer["max_text_seq_length"], spec.transformer["text_embed_dim"])  # [L, D]
+    (text_name,) = TEXT_TENSORS
     empty_key = content_key(bench="empty", shape=text_shape)
-    save_tensors(text_file(root, empty_key), {"prompt_embeds": torch.zeros(text_shape)})
-    plans = []
+    save_tensors(text_file(root, empty_key), {text_name: torch.zeros(text_shape)})
+    latents = [VIDEO_LATENT, *(latent for _, latent in conditioning_for(spec).extra_latents)]
+    entries = []
     for index in range(samples):
         key = content_key(bench=index, seed=seed, shape=latent_shape, task=spec.task)
-        tensors = {"latent_mean": torch.randn(latent_shape, generator=generator),
-                   "latent_logvar": torch.full(latent_shape, -6.0)}
-        if spec.task == "i2v":
-            tensors |= {"image_latent_mean": torch.randn((1, *latent_shape[1:]), generator=generator),
-                        "image_latent_logvar": torch.full((1, *latent_shape[1:]), -6.0)}
+        tensors = {}
+        for latent in latents:
+            shape = latent_shape if latent == VIDEO_LATENT else (1, *latent_shape[1:])  # [F', C, h, w] or [1, C, h, w]
+            mean_name, logvar_name = posterior_tensors(latent)
+            tensors |= {mean_name: torch.randn(shape, generator=generator), logvar_name: torch.full(shape, -6.0)}
         save_tensors(video_file(root, key), tensors)
-        save_tensors(text_file(root, key), {"prompt_embeds": torch.randn(text_shape, generator=generator)})
-        plans.append(Plan(origin=f"bench:{index}", video=Path(f"bench-{index}.mp4"), video_rel=f"bench-{index}.mp4",
-                          image=None, caption=BENCH_CAPTION, bucket=bucket, video_key=key, text_key=key, crop_seed=0))
-    write_manifest(root, build_manifest(config, plans, config.model_source, empty_key))
+        save_tensors(text_file(root, key), {text_name: torch.randn(text_shape, generator=generator)})
+        entries.append(manifest_entry(origin=f"bench:{index}", video=f"bench-{index}.mp4", caption=BENCH_CAPTION,
+                                      image=None, bucket=bucket, video_key=key, text_key=key))
+    write_manifest(root, build_manifest(config, entries, config.model_source, empty_key))
     return root
 
 

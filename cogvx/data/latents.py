@@ -4,13 +4,18 @@ Layout of ``prepare.output_dir``::
 
     manifest.json              what was prepared, for which model and buckets (see build_manifest)
     videos/<key>.safetensors   VAE posterior of one clip: latent_mean, latent_logvar [F, C, h, w]
-                               (+ image_latent_mean, image_latent_logvar [1, C, h, w] for I2V)
+                               (+ the task's conditioning, e.g. image_latent_mean,
+                               image_latent_logvar [1, C, h, w] for I2V: cogvx.models.conditioning)
     texts/<key>.safetensors    T5 embedding of one caption: prompt_embeds [L, D]
 
 Keys are content hashes of everything that went into a file, so a file is reused exactly when
 its inputs are unchanged and a stale file can never be served for changed data. The posterior's
 mean and log-variance are stored unscaled, so training draws a fresh latent each step and applies
 the VAE scaling factor recorded in the manifest.
+
+This module owns the format: tensor and file names, writing, reading, the manifest, and the
+clean-up of partial and unreferenced files; `cogvx prepare` and the benchmarks write through it,
+training reads through it.
 """
 
 from __future__ import annotations
@@ -23,13 +28,27 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
+from cogvx import __version__
 from cogvx.config import Config
 from cogvx.data.buckets import Bucket, BucketBatchSampler
 from cogvx.errors import CogvxError
-from cogvx.io import atomic_write_text
+from cogvx.io import atomic_file, atomic_write_text
+from cogvx.models.constants import latent_frame_count
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "cogvx-latents/1"
+
+
+def posterior_tensors(latent: str) -> tuple[str, str]:
+    """The two tensors a VAE posterior named ``latent`` is stored as: its mean and log-variance."""
+    return f"{latent}_mean", f"{latent}_logvar"
+
+
+VIDEO_LATENT = "latent"  # the clip, in every videos/ file
+IMAGE_LATENT = "image_latent"  # the first-frame image, image-to-video only
+VIDEO_TENSORS = posterior_tensors(VIDEO_LATENT)
+IMAGE_TENSORS = posterior_tensors(IMAGE_LATENT)
+TEXT_TENSORS = ("prompt_embeds",)  # the caption, in every texts/ file
 
 
 class LatentsError(CogvxError):
@@ -55,6 +74,68 @@ def is_complete(path: Path, names: tuple[str, ...]) -> bool:
             return set(names) <= set(handle.keys())
     except (SafetensorError, OSError, ValueError):
         return False
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Write tensors to a safetensors file atomically, tagged with the latents format; a failed
+    write (full disk, quota) leaves no partial file and says how to continue."""
+    from safetensors.torch import save_file
+
+    try:
+        with atomic_file(path, suffix=".safetensors") as tmp:
+            save_file({name: t.contiguous() for name, t in tensors.items()}, str(tmp),
+                      metadata={"format": MANIFEST_FORMAT})
+    except (OSError, SafetensorError) as err:
+        raise LatentsError(f"could not write {path} ({err}); the latents already written are kept. "
+                           "Free disk space, then run `cogvx prepare` again: it encodes only what is missing") from None
+
+
+def remove_partial_files(root: Path) -> None:
+    """Temporary files a killed run left behind (atomic writes that never got renamed)."""
+    for folder in (Path(root) / "videos", Path(root) / "texts"):
+        for leftover in folder.glob(".*.safetensors"):
+            leftover.unlink()
+
+
+def prune_unreferenced(root: Path) -> int:
+    """Delete the latent files the folder's manifest does not use; returns how many."""
+    root = Path(root)
+    manifest = read_manifest(root)
+    entries = manifest["entries"]
+    keep = {video_file(root, e["video_key"]) for e in entries} | {text_file(root, e["text_key"]) for e in entries}
+    keep.add(text_file(root, manifest["empty_text_key"]))
+    removed = 0
+    for path in [*(root / "videos").glob("[!.]*.safetensors"), *(root / "texts").glob("[!.]*.safetensors")]:
+        if path not in keep:
+            path.unlink()
+            removed += 1
+    return removed
+
+
+def manifest_entry(*, origin: str, video: str, caption: str, image: Path | None, bucket: Bucket,
+                   video_key: str, text_key: str) -> dict[str, Any]:
+    """One sample's manifest entry: where it came from, its bucket, and the keys of its two files."""
+    return {"origin": origin, "video": video, "caption": caption, "image": str(image) if image else None,
+            "bucket": str(bucket), "frames": bucket.frames, "latent_frames": latent_frame_count(bucket.frames),
+            "video_key": video_key, "text_key": text_key}
+
+
+def build_manifest(config: Config, entries: list[dict[str, Any]], source: str, empty_key: str) -> dict[str, Any]:
+    """Everything training needs to trust the files: model, buckets, config, one entry per sample
+    (:func:`manifest_entry`); ``empty_key`` names the empty caption's file (caption dropout)."""
+    spec = config.spec
+    return {
+        "format": MANIFEST_FORMAT,
+        "created_by": f"cogvx {__version__}",
+        "model": {"variant": spec.key, "source": source, "task": spec.task,
+                  "generation": spec.generation, "vae_scaling_factor": spec.vae_scaling_factor,
+                  "invert_scale_latents": spec.invert_scale_latents},
+        "buckets": sorted({entry["bucket"] for entry in entries}),
+        "empty_text_key": empty_key,
+        "prepare": config.prepare.model_dump(mode="json"),
+        "data": config.data.model_dump(mode="json"),
+        "entries": entries,
+    }
 
 
 def write_manifest(root: Path, manifest: dict[str, Any]) -> Path:
@@ -130,7 +211,11 @@ class LatentDataset(torch.utils.data.Dataset):
         self.entries: list[dict[str, Any]] = manifest["entries"]
         if not self.entries:
             raise LatentsError(f"{self.root / MANIFEST_NAME} lists no samples; run `cogvx prepare`")
-        self.has_images = manifest["model"]["task"] == "i2v"
+        # Lazily: the conditioning module reads this module's tensor names.
+        from cogvx.models.conditioning import conditioning_for
+
+        self.conditioning = conditioning_for(config.spec)  # check_manifest: the latents' task is the spec's
+        self.has_images = self.conditioning.makes_image
         self.empty_prompt_embeds = self._load(text_file(self.root, manifest["empty_text_key"]))["prompt_embeds"]
 
     def __len__(self) -> int:

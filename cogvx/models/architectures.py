@@ -11,6 +11,8 @@ from __future__ import annotations
 from types import MappingProxyType
 from typing import Any, Mapping
 
+from cogvx.models.constants import MAX_TEXT_TOKENS, VAE_TEMPORAL_COMPRESSION
+
 
 def _frozen(**kwargs: Any) -> Mapping[str, Any]:
     return MappingProxyType(dict(kwargs))
@@ -18,7 +20,8 @@ def _frozen(**kwargs: Any) -> Mapping[str, Any]:
 
 _COMMON = dict(
     attention_head_dim=64, out_channels=16, time_embed_dim=512, text_embed_dim=4096,
-    max_text_seq_length=226, temporal_compression_ratio=4, patch_size=2, attention_bias=True,
+    max_text_seq_length=MAX_TEXT_TOKENS, temporal_compression_ratio=VAE_TEMPORAL_COMPRESSION, patch_size=2,
+    attention_bias=True,
     activation_fn="gelu-approximate", timestep_activation_fn="silu", flip_sin_to_cos=True,
     freq_shift=0, norm_elementwise_affine=True, norm_eps=1e-5, dropout=0.0,
     spatial_interpolation_scale=1.875, temporal_interpolation_scale=1.0,
@@ -41,7 +44,7 @@ TRANSFORMER_15_5B_I2V = _frozen(**_TX_15_5B_I2V)
 VAE = _frozen(
     in_channels=3, out_channels=3, block_out_channels=(128, 256, 256, 512), latent_channels=16,
     layers_per_block=3, act_fn="silu", norm_eps=1e-6, norm_num_groups=32,
-    temporal_compression_ratio=4, sample_height=480, sample_width=720, force_upcast=True,
+    temporal_compression_ratio=VAE_TEMPORAL_COMPRESSION, sample_height=480, sample_width=720, force_upcast=True,
     use_quant_conv=False, use_post_quant_conv=False,
     down_block_types=("CogVideoXDownBlock3D",) * 4, up_block_types=("CogVideoXUpBlock3D",) * 4,
 )

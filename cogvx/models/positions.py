@@ -8,6 +8,7 @@ model that was trained.
 from __future__ import annotations
 
 from cogvx.errors import CogvxError
+from cogvx.models.constants import VAE_SPATIAL_SCALE
 
 
 def ignore_learned_positions(transformer) -> None:
@@ -23,7 +24,7 @@ def check_learned_positions(transformer, buckets) -> None:
     cfg = transformer.config
     if not cfg.use_learned_positional_embeddings:
         return
-    native = (cfg.sample_height * 8, cfg.sample_width * 8)
+    native = (cfg.sample_height * VAE_SPATIAL_SCALE, cfg.sample_width * VAE_SPATIAL_SCALE)
     other = sorted({str(b) for b in buckets if (b.height, b.width) != native})
     if other:
         raise CogvxError(f"this model's learned positional embeddings fit {native[0]}x{native[1]} only, "

@@ -14,6 +14,7 @@ from typing import Any, Literal, Mapping
 
 from cogvx.errors import ConfigError
 from cogvx.models import architectures as arch
+from cogvx.models.constants import latent_frame_count
 
 Task = Literal["t2v", "i2v"]
 
@@ -80,7 +81,8 @@ class ModelSpec:
 
     @property
     def latent_frames(self) -> int:
-        return (self.frames - 1) // 4 + 1
+        """Latent frames of the default clip (13 for 49 frames, 21 for 81)."""
+        return latent_frame_count(self.frames)
 
 
 def _real(key: str, hub_id: str, **kwargs: Any) -> ModelSpec:
@@ -133,7 +135,7 @@ _SPECS = (
           notes="random weights, built locally; like 1.5-5B-I2V"),
 )
 
-REGISTRY: Mapping[str, ModelSpec] = {spec.key: spec for spec in _SPECS}
+SPECS: Mapping[str, ModelSpec] = {spec.key: spec for spec in _SPECS}
 TINY_VARIANTS = tuple(spec.key for spec in _SPECS if spec.tiny)
 REAL_VARIANTS = tuple(spec.key for spec in _SPECS if not spec.tiny)
 
@@ -151,6 +153,6 @@ def get_spec(name: str) -> ModelSpec:
     """The spec for a registry key or hub id; a ConfigError listing the known ones otherwise."""
     key = resolve_key(name)
     if key is None:
-        known = ", ".join(REGISTRY)
+        known = ", ".join(SPECS)
         raise ConfigError(f"unknown model variant {name!r}; known variants: {known}")
-    return REGISTRY[key]
+    return SPECS[key]

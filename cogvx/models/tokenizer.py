@@ -16,7 +16,8 @@ import random
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import T5Tokenizer
 
-MAX_TEXT_TOKENS = 226
+from cogvx.models.constants import MAX_TEXT_TOKENS
+
 EXTRA_IDS = 100
 SPECIAL = ("<pad>", "</s>", "<unk>")
 
@@ -40,7 +41,7 @@ def caption_corpus(lines: int = 600, seed: int = 0) -> list[str]:
 
 
 def train_t5_tokenizer(vocab_size: int = 800, corpus: list[str] | None = None) -> T5Tokenizer:
-    """Train a Unigram vocabulary and wrap it as a T5 tokenizer (226-token model_max_length)."""
+    """Train a Unigram vocabulary and wrap it as a T5 tokenizer (MAX_TEXT_TOKENS model_max_length)."""
     unigram = Tokenizer(models.Unigram())
     unigram.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
     trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL),

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import torch
 
-VAE_SPATIAL_SCALE = 8
+from cogvx.models.constants import VAE_SPATIAL_SCALE
 
 
 def rotary_embeddings(transformer, height: int, width: int, latent_frames: int,
@@ -24,18 +24,6 @@ def rotary_embeddings(transformer, height: int, width: int, latent_frames: int,
         return None
     host = SimpleNamespace(transformer=transformer, vae_scale_factor_spatial=VAE_SPATIAL_SCALE)
     return CogVideoXPipeline._prepare_rotary_positional_embeddings(host, height, width, latent_frames, device)
-
-
-def pad_to_temporal_patch(latents: torch.Tensor, patch_size_t: int | None) -> torch.Tensor:
-    """Prepend copies of the first latent frame until the count divides patch_size_t (1.5 models),
-    as the diffusers pipeline pads; latents are [B, F, C, h, w]."""
-    if not patch_size_t:
-        return latents
-    missing = (-latents.shape[1]) % patch_size_t
-    if missing == 0:
-        return latents
-    first = latents[:, :1].expand(-1, missing, -1, -1, -1)  # [B, missing, C, h, w]
-    return torch.cat([first, latents], dim=1)  # [B, F + missing, C, h, w]
 
 
 class SampleRandom:

@@ -19,7 +19,7 @@ def render_validation(config: Config, folder: Path, transformer, step: int, out_
     memory to training's); the hooks are removed and the transformer put back afterwards.
     ``writer(frames, path, fps)`` replaces the mp4 writer (benchmarks on machines without ffmpeg).
     """
-    from cogvx.inference import prepare_for_device, render, write_video
+    from cogvx.inference import prepare_for_device, render, render_settings, write_video
     from cogvx.models.loader import load_pipeline
     from cogvx.models.performance import TransformerAttentionBackend
 
@@ -30,17 +30,16 @@ def render_validation(config: Config, folder: Path, transformer, step: int, out_
     transformer.eval()
     validate = config.validate_
     prepare_for_device(pipe, device, validate.offload, validate.vae_tiling)
-    bucket = config.buckets[0]
-    fps = validate.fps or config.sample_fps or spec.fps
+    size = render_settings(config)
     written = []
     try:
         for index, prompt in enumerate(validate.prompts):
             with TransformerAttentionBackend(transformer, config.train.attention_backend, device):
-                video = render(pipe, prompt, frames=validate.frames or bucket.frames,
-                               height=validate.height or bucket.height, width=validate.width or bucket.width,
+                video = render(pipe, prompt, frames=size.frames, height=size.height, width=size.width,
                                steps=validate.num_inference_steps, guidance_scale=validate.guidance_scale,
                                seed=validate.seed + index)
-            written.append(writer(video, out_dir / "validation" / f"step-{step:06d}" / f"prompt-{index:02d}.mp4", fps))
+            written.append(writer(video, out_dir / "validation" / f"step-{step:06d}" / f"prompt-{index:02d}.mp4",
+                                  size.fps))
     finally:
         if device.type == "cuda" and validate.offload != "none":
             pipe.remove_all_hooks()
