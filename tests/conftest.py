@@ -1,15 +1,16 @@
-"""Shared fixtures: tiny models built once per session, and a runner for the real `cogvx` CLI."""
+"""Shared fixtures: tiny models built once per session, synthetic clips and their latents once per
+module, and a runner for the real `cogvx` CLI. Plain helpers are in tests/helpers/."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import offline_env
+from tests.helpers.training import N_CLIPS, base_overrides
 
 
 def pytest_collection_modifyitems(config, items):
@@ -34,13 +35,27 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     return {variant: save_tiny_pipeline(variant, root / variant) for variant in TINY_VARIANTS}
 
 
-def offline_env(tmp_path: Path) -> dict[str, str]:
-    """Environment for CLI subprocesses: an empty HF cache and a hub endpoint that refuses at once."""
-    env = dict(os.environ)
-    env.update(HF_HOME=str(tmp_path / "hf-home"), HF_ENDPOINT="http://127.0.0.1:9",
-               HF_HUB_DISABLE_TELEMETRY="1", NO_COLOR="1", COLUMNS="200")
-    env.pop("HF_HUB_OFFLINE", None)
-    return env
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory) -> Path:
+    """N_CLIPS synthetic clips with captions (seed 3), made once per module that uses them."""
+    from cogvx.data.synthetic import make_synthetic_dataset
+
+    return make_synthetic_dataset(tmp_path_factory.mktemp("synthetic") / "raw", N_CLIPS, seed=3)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, tiny_models) -> dict[str, Path]:
+    """Two synthetic clips, encoded with the tiny t2v model once per module that trains on them:
+    the paths ``raw``, ``latents`` and ``model`` that tests.helpers.training's runs take."""
+    from cogvx.config import load_config
+    from cogvx.data.synthetic import make_synthetic_dataset
+    from cogvx.prepare import run_prepare
+
+    root = tmp_path_factory.mktemp("train-data")
+    make_synthetic_dataset(root / "raw", 2, seed=5)
+    paths = {"raw": root / "raw", "latents": root / "latents", "model": tiny_models["tiny-t2v"]}
+    run_prepare(load_config(None, base_overrides(paths)), log=lambda *_: None)
+    return paths
 
 
 @pytest.fixture

@@ -24,6 +24,7 @@ def test_corpus_covers_params_data_and_lora(corpus):
     assert kinds == {"params", "data", "lora"} and len(cases) >= 20
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [
     "params/wrong-types.yaml", "params/unknown-key.yaml", "params/yaml-bomb.yaml", "params/not-a-mapping.yaml",
     "params/huge.yaml", "params/latin1.yaml", "data/one-frame", "data/text-as-mp4", "data/empty-mp4",

@@ -4,6 +4,7 @@ tables, and the README's memory table is the one generated from the committed re
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -12,10 +13,10 @@ from cogvx.benchmark.cases import ISSUE7, ISSUE10, Case, select
 from cogvx.benchmark.report import README_BEGIN, README_END, load_results, markdown, update_readme
 from cogvx.benchmark.suite import compare, last_result_line
 from cogvx.errors import CogvxError
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 
-
+@pytest.mark.slow
 def test_smoke_suite_runs_every_kind_through_the_cli(run_cli, tmp_path):
     out = tmp_path / "smoke.json"
     done = run_cli("bench", "run", "--suite", "smoke", "--out", str(out), "--workdir", str(tmp_path / "wd"),
@@ -30,7 +31,7 @@ def test_smoke_suite_runs_every_kind_through_the_cli(run_cli, tmp_path):
     assert len(ddp["peak_allocated_gib_per_process"]) == 2 and ddp["scaling_efficiency"] > 0
     for name in ("tiny-lora", "tiny-lora-fp8-offload", "tiny-validate"):
         assert len(cases[name]["step_s"]) == 2 or name == "tiny-validate", cases[name]
-        assert cases[name]["loss"] == cases[name]["loss"]  # finite, not NaN
+        assert math.isfinite(cases[name]["loss"]), cases[name]
     assert "validation" in cases["tiny-validate"]["phases"]
     assert cases["tiny-generate"]["frames"] == 9 and cases["tiny-generate"]["seconds"] > 0
     assert "tiny-lora-fp8-offload" in done.stdout  # the table is printed

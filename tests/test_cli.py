@@ -10,9 +10,9 @@ import pytest
 import yaml
 
 from cogvx.config import load_config, schema_rows
-from cogvx.models.specs import REGISTRY
+from cogvx.models.specs import SPECS
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 COMMANDS = (["config", "show"], ["config", "schema"], ["models"], ["doctor"],
             ["make-tiny-model"], ["check"], ["data", "validate"], ["data", "synthetic"],
             ["data", "download"], ["prepare"], ["train"], ["generate"], ["registry", "list"],
@@ -42,10 +42,10 @@ def test_version(run_cli):
 def test_models_lists_the_registry(run_cli):
     table = run_cli("models")
     assert table.returncode == 0
-    for key, spec in REGISTRY.items():
+    for key, spec in SPECS.items():
         assert key in table.stdout and spec.default_source in table.stdout
     rows = json.loads(run_cli("models", "--json").stdout)
-    assert {row["variant"] for row in rows} == set(REGISTRY)
+    assert {row["variant"] for row in rows} == set(SPECS)
     assert next(r for r in rows if r["variant"] == "cogvideox1.5-5b")["frame_rule"] == "16N+1"
 
 
@@ -96,6 +96,7 @@ def test_bad_config_gives_one_message_and_exit_2(run_cli, tmp_path, content, ove
         assert not (tmp_path / "models").exists() and not (tmp_path / "outputs").exists()
 
 
+@pytest.mark.slow
 def test_make_tiny_model_refuses_real_variants_and_existing_folders(run_cli, tmp_path):
     result = run_cli("make-tiny-model", "--variant", "cogvideox-5b", "--out", "m")
     assert result.returncode == 1 and "is a full-size model" in result.stderr
@@ -111,6 +112,7 @@ def read_video(path: Path) -> np.ndarray:
     return reader.get_batch(list(range(len(reader)))).asnumpy()  # [F, H, W, 3]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["tiny-t2v", "tiny-1.5-i2v"])
 def test_build_then_check_end_to_end(run_cli, tmp_path, variant):
     """The main job today: build the tiny model, load it, render a clip, record the config."""
@@ -121,7 +123,7 @@ def test_build_then_check_end_to_end(run_cli, tmp_path, variant):
 
     checked = run_cli("check", f"model.variant={variant}", "model.path=model", "--out", "check")
     assert checked.returncode == 0, checked.stderr
-    spec = REGISTRY[variant]
+    spec = SPECS[variant]
     report = json.loads((tmp_path / "check" / "report.json").read_text())
     assert (report["frames"], report["height"], report["width"]) == (spec.frames, spec.height, spec.width)
     assert report["transformer_parameters"] > 0 and report["pixel_std"] > 0

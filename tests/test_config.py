@@ -16,8 +16,7 @@ from cogvx.config import (
     write_resolved_config,
 )
 from cogvx.errors import ConfigError
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO
 
 
 def config_error(*overrides: str, params: Path | None = None) -> str:

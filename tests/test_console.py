@@ -40,7 +40,9 @@ def test_no_progress_lines_from_other_processes():
 
 
 @pytest.fixture(scope="module")
-def prepared(tiny_models, tmp_path_factory):
+def console_project(tiny_models, tmp_path_factory):
+    """A folder with two synthetic clips and the overrides of a 3-step run on them (named so as
+    not to shadow conftest's ``prepared``)."""
     from cogvx.data.synthetic import make_synthetic_dataset
 
     root = tmp_path_factory.mktemp("console")
@@ -52,8 +54,8 @@ def prepared(tiny_models, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_prepare_and_train_print_progress_and_summaries_and_no_noise(prepared, run_cli):
-    root, settings = prepared
+def test_prepare_and_train_print_progress_and_summaries_and_no_noise(console_project, run_cli):
+    root, settings = console_project
     done = run_cli("prepare", *settings, cwd=root)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "samples" in done.stdout and "clips/s" in done.stdout and "sampling" in done.stdout
@@ -68,8 +70,8 @@ def test_prepare_and_train_print_progress_and_summaries_and_no_noise(prepared, r
 
 
 @pytest.mark.slow
-def test_json_summaries_on_request(prepared, run_cli):
-    root, settings = prepared
+def test_json_summaries_on_request(console_project, run_cli):
+    root, settings = console_project
     done = run_cli("prepare", "--json", *settings, cwd=root)
     assert done.returncode == 0 and json.loads(done.stdout)["samples"] == 2
     trained = run_cli("train", "--json", *settings, "tracking.enabled=false", "validate.every_n_steps=0",

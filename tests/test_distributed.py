@@ -18,10 +18,9 @@ from safetensors.torch import load_file
 from cogvx.distributed import launch_command, shard, strip_option
 from cogvx.training.checkpoint import list_checkpoints
 from cogvx.training.loop import rows_of_process
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 DDP_2 = REPO / "configs" / "accelerate" / "ddp-2gpu.yaml"
-pytestmark = pytest.mark.slow
 
 
 def child_env() -> dict[str, str]:
@@ -66,6 +65,7 @@ def files(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*.safetensors"))}
 
 
+@pytest.mark.slow
 def test_distributed_prepare_writes_the_files_one_process_writes(data):
     root = data["root"]
     cogvx("prepare", *common(data, root / "one"), cwd=root)
@@ -81,6 +81,7 @@ def test_distributed_prepare_writes_the_files_one_process_writes(data):
     assert '"videos_encoded": 0' in again.stdout and '"skipped": 4' in again.stdout
 
 
+@pytest.mark.slow
 def test_two_process_ddp_equals_one_process_with_the_same_global_batch_and_resumes(data):
     root = data["root"]
     latents = root / "one"
@@ -117,6 +118,7 @@ def test_two_process_ddp_equals_one_process_with_the_same_global_batch_and_resum
     assert all(torch.equal(resumed[k], ddp[k]) for k in ddp)
 
 
+@pytest.mark.slow
 def test_prefect_tasks_run_their_stage_on_the_processes_the_config_asks_for(data, tmp_path, monkeypatch):
     """The flow's prepare and train tasks, with prepare/train.accelerate_config set, launch
     2 processes and return what the one-process tasks return."""
@@ -134,6 +136,7 @@ def test_prefect_tasks_run_their_stage_on_the_processes_the_config_asks_for(data
     assert (Path(trained["weights"]) / "pytorch_lora_weights.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_sigterm_stops_every_process_at_one_step_with_a_checkpoint(data, tmp_path):
     """SIGTERM to `cogvx train --accelerate-config` (as a job manager sends it) reaches both
     processes; they agree on the step, save one checkpoint there, and the command exits 130."""
@@ -204,6 +207,7 @@ def test_shipped_accelerate_configs_name_their_engine():
     assert [found[f"zero{z}.yaml"]["deepspeed_config"]["zero_stage"] for z in (2, 3)] == [2, 3]
 
 
+@pytest.mark.slow
 def test_fsdp_asked_for_on_a_cpu_is_refused_not_silently_replaced_by_ddp(data, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("on a GPU accelerate runs FSDP")
@@ -238,6 +242,7 @@ def gpu_run(tmp_path, tiny_models) -> dict[str, Path]:
     return paths
 
 
+@pytest.mark.slow
 @pytest.mark.gpu
 @pytest.mark.parametrize("engine, method", [("fsdp2.yaml", "lora"), ("fsdp2.yaml", "full"), ("zero2.yaml", "lora"),
                                             ("zero2.yaml", "full"), ("zero3.yaml", "full")])
@@ -276,7 +281,7 @@ def test_weights_gathered_from_shards_are_saved_in_the_diffusers_layout(tiny_mod
     as diffusers writes them, and load back with from_pretrained."""
     from diffusers import CogVideoXTransformer3DModel
 
-    from cogvx.training.loop import save_transformer
+    from cogvx.training.outputs import save_transformer
 
     model = CogVideoXTransformer3DModel.from_pretrained(tiny_models["tiny-t2v"], subfolder="transformer")
     state = {name: tensor + 1.0 for name, tensor in model.state_dict().items()}  # not the module's own

@@ -21,6 +21,7 @@ import pytest
 
 from cogvx.data.download import MARKER_NAME, DatasetNotAvailableError, fetch_dataset
 from cogvx.errors import ConfigError
+from tests.helpers import offline_env
 
 FILES = {"prompts.txt": "a red ball\n", "videos.txt": "videos/a.mp4\n", "videos/a.mp4": "not really a video"}
 
@@ -184,8 +185,6 @@ except CogvxError as error:
 
 
 def test_hub_id_with_unreachable_hub_fails_fast(tmp_path):
-    from tests.conftest import offline_env
-
     data_root = tmp_path / "raw"
     started = time.monotonic()
     result = subprocess.run([sys.executable, "-c", HUB_SCRIPT, "Wild-Heart/Disney-VideoGeneration-Dataset",
@@ -257,7 +256,6 @@ def test_synthetic_is_built_once_per_count_and_seed(tmp_path, monkeypatch):
 
 
 def test_real_synthetic_dataset_is_built_once(tmp_path):
-    pytest.importorskip("cogvx.data.synthetic")
     data_root = tmp_path / "raw"
     fetch_dataset("synthetic", data_root, synthetic_clips=2, seed=0)
     videos = (data_root / "videos.txt").read_text().split()
@@ -265,7 +263,6 @@ def test_real_synthetic_dataset_is_built_once(tmp_path):
     mtimes = {name: (data_root / name).stat().st_mtime_ns for name in videos}
     fetch_dataset("synthetic", data_root, synthetic_clips=2, seed=0)
     assert {name: (data_root / name).stat().st_mtime_ns for name in videos} == mtimes
-
 
 
 class FakeHub(http.server.BaseHTTPRequestHandler):
@@ -329,8 +326,6 @@ for source, data_root in zip(sys.argv[1::2], sys.argv[2::2]):
 
 def test_hub_download_against_a_fake_hub(tmp_path):
     """Success (then nothing to do), a hub failing mid-download, and an unknown dataset id."""
-    from tests.conftest import offline_env
-
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeHub)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     env = offline_env(tmp_path) | {"HF_ENDPOINT": f"http://127.0.0.1:{server.server_address[1]}"}

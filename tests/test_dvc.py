@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO
+
+pytestmark = pytest.mark.slow  # every test runs `dvc repro` or DVC copies of trained outputs
 
 
 def sh(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:

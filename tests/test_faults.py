@@ -16,7 +16,10 @@ import pytest
 import torch
 
 from cogvx.training.checkpoint import list_checkpoints
-from tests.test_train import base_overrides, prepared  # noqa: F401  (module fixture)
+from tests.helpers.training import (N_CLIPS, base_overrides, digests, finished_files, lora_tensors, make_config, run,
+                                    train_process)
+
+pytestmark = pytest.mark.slow  # every test runs prepare or training, most in `cogvx` subprocesses
 
 
 def train_cli(prepared, out: Path, *extra: str, file_size_limit: int | None = None) -> subprocess.CompletedProcess:
@@ -31,7 +34,7 @@ def train_cli(prepared, out: Path, *extra: str, file_size_limit: int | None = No
                           preexec_fn=limit if file_size_limit is not None else None)
 
 
-def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(prepared, tmp_path):  # noqa: F811
+def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(prepared, tmp_path):
     out = tmp_path / "run"
     settings = ("train.max_steps=4", "train.checkpointing_steps=2", "validate.every_n_steps=0")
     first = train_cli(prepared, out, *settings)
@@ -58,8 +61,6 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(prepared, t
 
 # ----------------------------------------------------------------------------- prepare
 
-from tests.test_prepare import N_CLIPS, digests, finished_files, make_config, synthetic  # noqa: E402,F401
-
 
 def prepare_cli(data_root: Path, model: Path, out: Path, file_size_limit: int | None = None, **popen):
     args = [sys.executable, "-m", "cogvx", "prepare", f"model.path={model}", f"data.data_root={data_root}",
@@ -73,7 +74,7 @@ def prepare_cli(data_root: Path, model: Path, out: Path, file_size_limit: int | 
 
 
 @pytest.fixture(scope="module")
-def reference_latents(synthetic, tiny_models, tmp_path_factory):  # noqa: F811
+def reference_latents(synthetic, tiny_models, tmp_path_factory):
     from cogvx.prepare import run_prepare
 
     out = tmp_path_factory.mktemp("reference") / "latents"
@@ -82,7 +83,7 @@ def reference_latents(synthetic, tiny_models, tmp_path_factory):  # noqa: F811
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
-def test_prepare_killed_at_a_random_moment_resumes_to_the_same_files(seed, synthetic, tiny_models,  # noqa: F811
+def test_prepare_killed_at_a_random_moment_resumes_to_the_same_files(seed, synthetic, tiny_models,
                                                                      reference_latents, tmp_path):
     """SIGKILL after a random 0.5-8 s (model load, encoding or writing); the re-run encodes only
     what is missing and ends with the uninterrupted run's files, byte for byte."""
@@ -99,7 +100,7 @@ def test_prepare_killed_at_a_random_moment_resumes_to_the_same_files(seed, synth
     assert digests(out) == digests(reference_latents)
 
 
-def test_disk_full_while_writing_latents_keeps_what_was_written(synthetic, tiny_models, reference_latents,  # noqa: F811
+def test_disk_full_while_writing_latents_keeps_what_was_written(synthetic, tiny_models, reference_latents,
                                                                 tmp_path):
     """Half the clips already encoded; the next clip latent's write crosses the file-size cap:
     exit 4 with what to do, the files already there untouched, no partial file; with space
@@ -125,7 +126,7 @@ def test_disk_full_while_writing_latents_keeps_what_was_written(synthetic, tiny_
     assert digests(out) == digests(reference_latents)
 
 
-def test_truncated_latent_file_is_named_when_training(synthetic, tiny_models, reference_latents, tmp_path):  # noqa: F811
+def test_truncated_latent_file_is_named_when_training(synthetic, tiny_models, reference_latents, tmp_path):
     """A latent file damaged after prepare: `cogvx train` stops with exit 4 naming it and what to
     do, and `cogvx prepare` re-encodes exactly that file."""
     from cogvx.prepare import run_prepare
@@ -147,11 +148,9 @@ def test_truncated_latent_file_is_named_when_training(synthetic, tiny_models, re
 
 # ----------------------------------------------------------------------------- training kills
 
-from tests.test_train import lora_tensors, run, train_process  # noqa: E402
-
 
 @pytest.fixture(scope="module")
-def straight_run(prepared, tmp_path_factory):  # noqa: F811
+def straight_run(prepared, tmp_path_factory):
     out = tmp_path_factory.mktemp("straight") / "run"
     run(prepared, out, *KILL_SETTINGS)
     return lora_tensors(out)
@@ -162,7 +161,7 @@ KILL_SETTINGS = ("train.max_steps=30", "train.checkpointing_steps=1", "train.che
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
-def test_training_killed_at_a_random_moment_resumes_bit_identically(seed, prepared, straight_run, tmp_path):  # noqa: F811
+def test_training_killed_at_a_random_moment_resumes_bit_identically(seed, prepared, straight_run, tmp_path):
     """SIGKILL at a random moment of a run that checkpoints every step (so kills land in
     checkpoint writes too); `--resume latest` finishes with the uninterrupted run's LoRA."""
     out = tmp_path / "killed"
@@ -172,7 +171,7 @@ def test_training_killed_at_a_random_moment_resumes_bit_identically(seed, prepar
     process.send_signal(signal.SIGKILL)
     process.wait()
     finished = run(prepared, out, *KILL_SETTINGS, resume="latest")
-    assert finished["steps"] == 30
+    assert finished.steps == 30
     resumed = lora_tensors(out)
     assert all(torch.equal(straight_run[k], resumed[k]) for k in straight_run)
     assert not hidden_leftovers(out)
@@ -203,8 +202,7 @@ main()
 """
 
 
-@pytest.mark.slow
-def test_sigkill_inside_a_checkpoint_write_leaves_nothing_behind(prepared, tmp_path):  # noqa: F811
+def test_sigkill_inside_a_checkpoint_write_leaves_nothing_behind(prepared, tmp_path):
     """Killed inside the write of checkpoint 2, without a checkpoint limit: the staging folder
     and the lock are left; the resumed run takes the lock over, removes the staging folder,
     resumes from checkpoint 1 and finishes, and no hidden leftover remains."""

@@ -11,7 +11,7 @@ The runs, each checked through the Prefect API (``get_client()``):
 * the whole flow, in process: COMPLETED, with one COMPLETED task run per stage;
 * the flow with an injected fault in ``train`` (COGVX_FAIL_ONCE): train fails once, is retried
   and the flow completes with the final LoRA written;
-* a deployment served by ``python -m flows serve --cron ...`` in a background process, triggered
+* a deployment served by ``cogvx flow serve --cron ...`` in a background process, triggered
   with ``run_deployment``: it completes, and its train resumes from the first run's checkpoint.
 """
 
@@ -20,10 +20,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 from typing import Any, Iterator
@@ -31,35 +29,17 @@ from typing import Any, Iterator
 import pytest
 import yaml
 
-from tests.test_stack import stop
+from tests.helpers import REPO
+from tests.helpers.processes import free_port, stop, wait_until
+from tests.helpers.servers import spawn_server, stop_server, wait_healthy
 
-REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # a real Prefect server and the whole flow on the tiny model
+
 TINY = "tiny-t2v"
 STAGES = ("build-base-model", "download", "validate", "prepare", "train", "render", "register")
 SERVED = "cogvx-finetune-test"
 CRON = "0 3 * * *"
 LORA_FILE = "pytorch_lora_weights.safetensors"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_until(check, timeout: float, what: str, proc: subprocess.Popen | None = None,
-                log: Path | None = None) -> Any:
-    """Poll ``check()`` every 0.5 s until it returns something truthy; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            tail = log.read_text(errors="replace")[-3000:] if log else ""
-            pytest.fail(f"{what}: the process exited with {proc.returncode}\n{tail}")
-        if result := check():
-            return result
-        time.sleep(0.5)
-    tail = log.read_text(errors="replace")[-3000:] if log else ""
-    pytest.fail(f"{what}: not within {timeout:.0f} s\n{tail}")
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +61,7 @@ def overrides_for(root: Path, train_dir: str) -> list[str]:
 @pytest.fixture(scope="module")
 def prefect_env(workspace: Path) -> Iterator[dict[str, str]]:
     """A real Prefect server on a free port, and this process pointed at it; yields its settings."""
-    port = _free_port()
+    port = free_port()
     env = {"PREFECT_HOME": str(workspace / "prefect-home"),
            "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",  # no telemetry where there is no network
@@ -100,7 +80,7 @@ def prefect_env(workspace: Path) -> Iterator[dict[str, str]]:
             return False
 
     try:
-        _wait_until(healthy, 60, "prefect server start", server, log)
+        wait_until(healthy, 60, "prefect server start", server, log)
         with pytest.MonkeyPatch.context() as patch:
             for key, value in env.items():  # before prefect is imported, for this process ...
                 patch.setenv(key, value)
@@ -231,7 +211,7 @@ def test_training_crashed_mid_run_is_retried_from_its_checkpoint(workspace: Path
 
 def test_served_deployment_runs(workspace: Path, first_run: tuple[Any, dict[str, Any]],
                                 prefect_env: dict[str, str]) -> None:
-    """`python -m flows serve --cron` serves a deployment; a triggered run completes, resuming
+    """`cogvx flow serve --cron` serves a deployment; a triggered run completes, resuming
     train from the first run's last checkpoint instead of training again."""
     from prefect import get_client
     from prefect.deployments import run_deployment
@@ -242,8 +222,8 @@ def test_served_deployment_runs(workspace: Path, first_run: tuple[Any, dict[str,
            "PREFECT_LOGGING_LEVEL": "INFO"}  # INFO: the resumed-steps line reaches the API
     log = workspace / "serve.log"
     with open(log, "wb") as out:
-        serving = subprocess.Popen([sys.executable, "-m", "flows", "serve", "--cron", CRON, "--name", SERVED,
-                                    "--params", params, "--out-dir", str(workspace / "samples-served"),
+        serving = subprocess.Popen([sys.executable, "-m", "cogvx", "flow", "serve", "--cron", CRON, "--name", SERVED,
+                                    "--params", params, "--out", str(workspace / "samples-served"),
                                     *overrides], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
                                    start_new_session=True)
     try:
@@ -254,7 +234,7 @@ def test_served_deployment_runs(workspace: Path, first_run: tuple[Any, dict[str,
                 except Exception:  # ObjectNotFound until the runner has registered it
                     return None
 
-        served = _wait_until(deployment, 90, "python -m flows serve", serving, log)
+        served = wait_until(deployment, 90, "cogvx flow serve", serving, log)
         assert [s.schedule.cron for s in served.schedules] == [CRON]
         assert served.parameters["overrides"] == overrides
 
@@ -370,8 +350,6 @@ def test_flow_against_real_prefect_and_mlflow_servers(workspace: Path, first_run
     """The flow tracked in a real MLflow server (PostgreSQL backend when available); both APIs
     agree afterwards; the registered LoRA, promoted to champion, is what `cogvx generate` uses."""
     from mlflow.tracking import MlflowClient
-
-    from tests.test_tracking import spawn_server, stop_server, wait_healthy
 
     process, url = spawn_server(tmp_path / "mlflow", postgres_backend)
     try:

@@ -18,9 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_stack import base_env, free_port, run_deployment_and_wait, start, stop, stop_flow_run, tail, wait_until
+from tests.helpers import REPO
+from tests.helpers.processes import free_port, start, stop, tail, wait_until
+from tests.helpers.servers import base_env, run_deployment_and_wait, stop_flow_run
 
-REPO = Path(__file__).resolve().parents[1]
 FAST = ["data.synthetic_clips=2", "train.max_steps=3", "validate.num_inference_steps=2", "train.checkpointing_steps=3"]
 LORA_FILE = "pytorch_lora_weights.safetensors"
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO
+
 BASE = ("cogvx.models", "cogvx.data", "cogvx.config", "cogvx.io", "cogvx.errors", "cogvx.hashing",
         "cogvx.reports", "cogvx.tensorfile", "cogvx.hub", "cogvx.runlock", "cogvx.distributed")
 ABOVE_BASE = ("cogvx.training", "cogvx.generate", "cogvx.tracking", "cogvx.cli", "cogvx.stages",

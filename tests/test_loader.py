@@ -12,6 +12,7 @@ from cogvx.errors import ConfigError, ModelNotAvailableError
 from cogvx.hub import is_hub_id
 from cogvx.models.loader import load_pipeline, resolve_source
 from cogvx.models.specs import get_spec
+from tests.helpers import offline_env
 
 FAKE_COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -74,6 +75,7 @@ def test_hub_id_is_served_from_the_hub_cache(tiny_models, tmp_path):
     assert resolve_source("THUDM/CogVideoX-5b", cache_dir=tmp_path / "hub").name == FAKE_COMMIT
 
 
+@pytest.mark.slow
 def test_uncached_hub_id_without_network_fails_fast(run_cli, tmp_path):
     started = time.monotonic()
     result = run_cli("check", "model.variant=cogvideox-5b")
@@ -87,9 +89,8 @@ def test_uncached_hub_id_without_network_fails_fast(run_cli, tmp_path):
     assert elapsed < 60
 
 
+@pytest.mark.slow
 def test_offline_mode_is_named_in_the_message(run_cli, tmp_path):
-    from tests.conftest import offline_env
-
     env = offline_env(tmp_path) | {"HF_HUB_OFFLINE": "1"}
     result = run_cli("check", "model.variant=THUDM/CogVideoX1.5-5B-I2V", env=env)
     assert result.returncode == 3

@@ -11,12 +11,13 @@ import torch
 from cogvx.config import load_config
 from cogvx.generate import attach_lora
 from cogvx.inference import render
+from cogvx.models.conditioning import pad_to_temporal_patch
 from cogvx.models.loader import load_pipeline
 from cogvx.models.specs import TINY_VARIANTS, get_spec
 from cogvx.training.inputs import model_inputs
 from cogvx.training.loop import train
 from cogvx.training.optim import build_optimizer
-from cogvx.training.objective import SampleRandom, pad_to_temporal_patch, rotary_embeddings
+from cogvx.training.objective import SampleRandom, rotary_embeddings
 
 ONE_STEP = ("train.max_steps=1", "validate.num_inference_steps=1", "train.lora.rank=4", "train.lora.alpha=4",
             "train.learning_rate=1e-3")
@@ -45,6 +46,7 @@ def overrides(variant, clips, tiny_models, latents_dir: Path, *extra: str) -> li
             f"prepare.output_dir={latents_dir}", "prepare.num_workers=0", "tracking.enabled=false", *extra]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["lora", "full"])
 @pytest.mark.parametrize("variant", TINY_VARIANTS)
 def test_every_cell_trains_loads_and_generates(variant, method, clips, tiny_models, latents, tmp_path):
@@ -52,8 +54,8 @@ def test_every_cell_trains_loads_and_generates(variant, method, clips, tiny_mode
     config = load_config(None, overrides(variant, clips, tiny_models, latents[variant], *ONE_STEP,
                                          f"train.method={method}", f"train.output_dir={tmp_path}"))
     report = train(config, log=lambda *_: None)
-    assert report["steps"] == 1 and np.isfinite(report["final_loss"])
-    weights = Path(report["weights"])
+    assert report.steps == 1 and np.isfinite(report.final_loss)
+    weights = Path(report.weights)
     if method == "lora":
         pipe = load_pipeline(str(tiny_models[variant]), spec)
         attach_lora(pipe, weights, scale=1.0, log=lambda *_: None)
@@ -125,6 +127,7 @@ def test_image_and_caption_dropout(tiny_models):
     assert extra["image_latents"].abs().sum() == 0 and prompt.abs().sum() == 0
 
 
+@pytest.mark.slow
 def test_bucketed_batches_of_two_train_with_per_bucket_rotary(clips, tiny_models, tmp_path):
     from cogvx.prepare import run_prepare
 
@@ -133,7 +136,7 @@ def test_bucketed_batches_of_two_train_with_per_bucket_rotary(clips, tiny_models
     config = load_config(None, overrides("tiny-t2v", clips, tiny_models, tmp_path / "latents", *extra))
     run_prepare(config, log=lambda *_: None)
     report = train(config, log=lambda *_: None)
-    assert report["steps"] == 2
+    assert report.steps == 2
     transformer = load_pipeline(str(tiny_models["tiny-t2v"]), get_spec("tiny-t2v")).transformer
     cos, sin = rotary_embeddings(transformer, 96, 64, 3, torch.device("cpu"))
     assert cos.shape == sin.shape == (3 * 6 * 4, 16)  # [F * h/2 * w/2, head_dim] for a 96x64 bucket
@@ -157,6 +160,7 @@ def test_lr_follows_warmup_with_every_optimizer(optimizer):
     assert seen == [0.0025, 0.005, 0.0075, 0.01, 0.0075, 0.005]
 
 
+@pytest.mark.slow
 def test_id_token_prefixes_every_caption(clips, tiny_models, tmp_path):
     from cogvx.data.latents import read_manifest
     from cogvx.prepare import run_prepare
@@ -168,6 +172,7 @@ def test_id_token_prefixes_every_caption(clips, tiny_models, tmp_path):
     assert manifest["empty_text_key"]
 
 
+@pytest.mark.slow
 def test_i2v_learned_positions_can_be_ignored_to_train_and_generate_at_other_sizes(clips, tiny_models, tmp_path):
     """tiny-i2v's learned positional embeddings fit 64x96 only (like 5b-I2V's 480x720)."""
     from cogvx.errors import CogvxError
@@ -182,7 +187,7 @@ def test_i2v_learned_positions_can_be_ignored_to_train_and_generate_at_other_siz
                                            "train.ignore_learned_positional_embeddings=true"))
     report = train(ignoring, log=lambda *_: None)
     pipe = load_pipeline(str(tiny_models["tiny-i2v"]), get_spec("tiny-i2v"))
-    attach_lora(pipe, Path(report["weights"]), scale=1.0, log=lambda *_: None)
+    attach_lora(pipe, Path(report.weights), scale=1.0, log=lambda *_: None)
     assert pipe.transformer.config.use_learned_positional_embeddings is False
     video = render(pipe, "a red star", frames=9, height=96, width=64, steps=2, guidance_scale=1.0, seed=0)
     assert video.shape == (9, 96, 64, 3)

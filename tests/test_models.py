@@ -11,7 +11,7 @@ import torch
 
 from cogvx.models.build import build_pipeline, save_tiny_pipeline
 from cogvx.models.loader import load_pipeline, load_transformer
-from cogvx.models.tokenizer import MAX_TEXT_TOKENS
+from cogvx.models.constants import MAX_TEXT_TOKENS
 from cogvx.errors import CogvxError
 from cogvx.models.specs import TINY_VARIANTS, get_spec
 

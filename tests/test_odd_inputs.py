@@ -21,6 +21,7 @@ from cogvx.data.listing import read_samples
 from cogvx.data.validation import apply_policy, validate_dataset
 from cogvx.data.video import VideoError, probe_video, read_frames
 from cogvx.errors import CogvxError
+from tests.helpers import offline_env
 
 FRAMES = 12
 DATA = ("data.frames=9", "data.fps=native")  # the tiny model's 9-frame clips at each clip's own rate
@@ -164,8 +165,6 @@ def without_root_file_access() -> None:
 def test_unreadable_files_and_folders(tmp_path, media):
     """chmod 000 on a clip, on a folder holding one and on a listing file. Root reads them all the
     same, so as root the validator runs without its capability to ignore file permissions."""
-    from tests.conftest import offline_env
-
     root = txt_root(tmp_path / "data", [("good", "good.mp4"), ("locked", "locked.mp4"), ("inside", "locked/clip.mp4")])
     shutil.copyfile(media["good"], root / "good.mp4")
     shutil.copyfile(media["good"], root / "locked.mp4")

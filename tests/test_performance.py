@@ -3,6 +3,8 @@ the same function as the plain model (within its precision)."""
 
 from __future__ import annotations
 
+import math
+
 import copy
 
 import pytest
@@ -81,6 +83,7 @@ def test_fp8_storage_converts_frozen_base_layers_only():
     assert 0 < error < 0.05  # e4m3 with per-row scales: a few percent at most, never exact
 
 
+@pytest.mark.slow
 def test_fp8_storage_trains_the_lora_like_the_bf16_model():
     plain, fp8 = tiny_lora_model(), tiny_lora_model()
     store_base_weights_in_fp8(fp8, torch.float32)
@@ -100,6 +103,7 @@ def test_fp8_storage_refuses_trainable_weights_and_full_fine_tuning():
         load_config(None, ["train.gradient_checkpointing=false", "train.activation_offload=true"])
 
 
+@pytest.mark.slow
 def test_activation_offload_gives_the_same_gradients_as_plain_checkpointing():
     plain = lora_grads(tiny_lora_model(offload=False))
     offloaded = lora_grads(tiny_lora_model(offload=True))
@@ -155,10 +159,11 @@ def test_each_optimizer_runs_a_step_with_the_memory_options(optimizer, tmp_path)
                 ("train.lora.rank=4", "train.fp8_base_weights=true", "train.activation_offload=true",
                  "train.attention_backend=math", f"train.optimizer={optimizer}"), steps=2, warmup=1)
     result = run_case(case, tmp_path)
-    assert result["loss"] == result["loss"] and len(result["step_s"]) == 2
+    assert math.isfinite(result["loss"]) and len(result["step_s"]) == 2
     assert result["peak_allocated_gib"] > 0
 
 
+@pytest.mark.slow
 @pytest.mark.gpu
 def test_real_architecture_step_with_every_option_on_gpu(tmp_path):
     """The 5b architecture at a small clip size: fp8 storage, compiled blocks, cuDNN attention,
@@ -171,4 +176,4 @@ def test_real_architecture_step_with_every_option_on_gpu(tmp_path):
                  "train.attention_backend=cudnn", "train.activation_offload=true", "train.optimizer=adamw8bit"),
                 steps=2, warmup=1)
     result = run_case(case, tmp_path)
-    assert result["device"] == "cuda" and result["loss"] == result["loss"]
+    assert result["device"] == "cuda" and math.isfinite(result["loss"])

@@ -2,45 +2,24 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-from cogvx.config import load_config
 from cogvx.data.buckets import Bucket
 from cogvx.data.validation import DataValidationError
 from cogvx.data.latents import LatentDataset, LatentsError, read_manifest, sample_latents
 from cogvx.prepare import run_prepare
-
-N_CLIPS = 4
-
-
-@pytest.fixture(scope="module")
-def synthetic(tmp_path_factory) -> Path:
-    from cogvx.data.synthetic import make_synthetic_dataset
-
-    return make_synthetic_dataset(tmp_path_factory.mktemp("synthetic") / "raw", N_CLIPS, seed=3)
+from tests.helpers.training import N_CLIPS, digests, finished_files, make_config
 
 
-def make_config(data_root: Path, model: Path, out: Path, variant: str = "tiny-t2v", *extra: str):
-    return load_config(None, [f"model.variant={variant}", f"model.path={model}",
-                              f"data.data_root={data_root}", f"prepare.output_dir={out}",
-                              "prepare.num_workers=0", *extra])
-
-
-def digests(out: Path) -> dict[str, str]:
-    return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(out.glob("*/*.safetensors"))}
-
-
+@pytest.mark.slow
 def test_prepare_encodes_every_clip_and_caption(synthetic, tiny_models, tmp_path):
     config = make_config(synthetic, tiny_models["tiny-t2v"], tmp_path / "latents")
     summary = run_prepare(config)
@@ -59,6 +38,7 @@ def test_prepare_encodes_every_clip_and_caption(synthetic, tiny_models, tmp_path
     assert (tmp_path / "latents" / "cogvx-config.yaml").is_file()
 
 
+@pytest.mark.slow
 def test_second_run_encodes_nothing_and_a_changed_caption_only_its_text(synthetic, tiny_models, tmp_path):
     data_root = shutil.copytree(synthetic, tmp_path / "raw")
     config = make_config(data_root, tiny_models["tiny-t2v"], tmp_path / "latents")
@@ -81,11 +61,7 @@ def test_second_run_encodes_nothing_and_a_changed_caption_only_its_text(syntheti
     assert len(digests(tmp_path / "latents")) == len(before)
 
 
-def finished_files(out: Path) -> list[Path]:
-    """Renamed (complete) latent files; hidden names are atomic writes still in flight."""
-    return [p for p in (out / "videos").glob("*.safetensors") if not p.name.startswith(".")]
-
-
+@pytest.mark.slow
 def test_killed_prepare_resumes_to_the_same_files(synthetic, tiny_models, tmp_path):
     """SIGKILL a real `cogvx prepare` after its first clip; the re-run finishes the rest."""
     reference = tmp_path / "reference"
@@ -109,6 +85,7 @@ def test_killed_prepare_resumes_to_the_same_files(synthetic, tiny_models, tmp_pa
     assert read_manifest(out)["entries"] == read_manifest(reference)["entries"]
 
 
+@pytest.mark.slow
 def test_latents_for_another_model_or_bucket_are_refused(synthetic, tiny_models, tmp_path):
     run_prepare(make_config(synthetic, tiny_models["tiny-t2v"], tmp_path / "latents"))
     other_model = make_config(synthetic, tiny_models["tiny-i2v"], tmp_path / "latents", "tiny-i2v")
@@ -121,6 +98,7 @@ def test_latents_for_another_model_or_bucket_are_refused(synthetic, tiny_models,
         LatentDataset(tmp_path / "nothing", other_size)
 
 
+@pytest.mark.slow
 def test_multi_bucket_batches_come_from_one_bucket(synthetic, tiny_models, tmp_path):
     buckets = "data.buckets=[[9, 64, 96], [9, 96, 64], [9, 64, 64]]"
     config = make_config(synthetic, tiny_models["tiny-t2v"], tmp_path / "latents", "tiny-t2v", buckets)
@@ -133,6 +111,7 @@ def test_multi_bucket_batches_come_from_one_bucket(synthetic, tiny_models, tmp_p
         assert len(shapes) == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant, latent_frames", [("tiny-i2v", 3), ("tiny-1.5-i2v", 5)])
 def test_image_to_video_latents_include_the_first_frame(synthetic, tiny_models, tmp_path, variant, latent_frames):
     config = make_config(synthetic, tiny_models[variant], tmp_path / "latents", variant)
@@ -152,6 +131,7 @@ def test_broken_data_stops_prepare_before_any_model_loads(synthetic, tmp_path):
     assert not (tmp_path / "latents").exists()
 
 
+@pytest.mark.slow
 def test_cli_synthetic_validate_prepare(run_cli, tiny_models, tmp_path):
     made = run_cli("data", "synthetic", "--out", "raw", "--n", "2")
     assert made.returncode == 0, made.stderr

@@ -17,8 +17,8 @@ import pytest
 import yaml
 
 from cogvx.runlock import LOCK_NAME, FolderInUseError, run_lock
-from tests.conftest import REPO
-from tests.test_train import base_overrides, prepared, train_process  # noqa: F401  (module fixture)
+from tests.helpers import REPO
+from tests.helpers.training import base_overrides, train_process
 
 HOLD = """
 import os, sys, time
@@ -99,7 +99,7 @@ def test_lock_kept_by_a_child_of_a_dead_holder_says_so(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_train_processes_into_one_folder(prepared, tmp_path):  # noqa: F811
+def test_two_train_processes_into_one_folder(prepared, tmp_path):
     """The second `cogvx train` into a folder in use exits at once (exit 6) naming the first,
     before it creates an MLflow run; the first goes on undisturbed and stops cleanly."""
     out = tmp_path / "run"
@@ -131,7 +131,7 @@ def test_two_train_processes_into_one_folder(prepared, tmp_path):  # noqa: F811
 
 
 @pytest.mark.slow
-def test_prepare_into_a_folder_in_use_is_refused(prepared, tmp_path):  # noqa: F811
+def test_prepare_into_a_folder_in_use_is_refused(prepared, tmp_path):
     """`cogvx prepare` takes the same lock on prepare.output_dir: a second one there would
     delete the first one's files mid-write (its cleanup of partial files)."""
     with run_lock(prepared["latents"], "prepare.output_dir", command="cogvx prepare"):

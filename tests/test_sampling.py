@@ -219,7 +219,7 @@ def test_training_takes_the_manifests_buckets_when_the_config_names_none(tiny_mo
 
     unnamed = prepare_config(data, tiny_models["tiny-t2v"], tmp_path / "latents", *base)
     assert set(LatentDataset(tmp_path / "latents", unnamed).buckets) == {Bucket(9, 64, 96), Bucket(9, 96, 64)}
-    assert train(unnamed, log=lambda *_: None)["steps"] == 1
+    assert train(unnamed, log=lambda *_: None).steps == 1
 
     other = prepare_config(data, tiny_models["tiny-t2v"], tmp_path / "latents", "data.buckets=[[9, 64, 96]]", *base)
     with pytest.raises(LatentsError, match=r"buckets 9x96x64 are not among this run's buckets \(9x64x96\); name"):

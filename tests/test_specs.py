@@ -7,7 +7,7 @@ import torch
 
 from cogvx.errors import ConfigError
 from cogvx.models.build import build_text_encoder, build_transformer, build_vae
-from cogvx.models.specs import REAL_VARIANTS, REGISTRY, TINY_VARIANTS, get_spec, resolve_key
+from cogvx.models.specs import REAL_VARIANTS, SPECS, TINY_VARIANTS, get_spec, resolve_key
 
 # Published parameter counts (shared/reference/cogvideox-models.md).
 PARAMS_2B = 1_693_783_872
@@ -18,14 +18,14 @@ def test_registry_holds_the_family_and_four_tiny_stand_ins():
     assert set(REAL_VARIANTS) == {"cogvideox-2b", "cogvideox-5b", "cogvideox-5b-i2v",
                                   "cogvideox1.5-5b", "cogvideox1.5-5b-i2v"}
     assert set(TINY_VARIANTS) == {"tiny-t2v", "tiny-i2v", "tiny-1.5-t2v", "tiny-1.5-i2v"}
-    hub_ids = {REGISTRY[key].hub_id for key in REAL_VARIANTS}
+    hub_ids = {SPECS[key].hub_id for key in REAL_VARIANTS}
     assert hub_ids == {"THUDM/CogVideoX-2b", "THUDM/CogVideoX-5b", "THUDM/CogVideoX-5b-I2V",
                        "THUDM/CogVideoX1.5-5B", "THUDM/CogVideoX1.5-5B-I2V"}
 
 
-@pytest.mark.parametrize("key", list(REGISTRY))
+@pytest.mark.parametrize("key", list(SPECS))
 def test_specs_are_self_consistent(key):
-    spec = REGISTRY[key]
+    spec = SPECS[key]
     assert spec.frame_rule.accepts(spec.frames)
     assert spec.height % 16 == 0 and spec.width % 16 == 0
     arch = spec.transformer

@@ -28,23 +28,22 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
-import sys
-import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import pytest
 
-from tests.test_docker import DOCKER, ENV_EXAMPLE, REPO, compose_config, instructions
+from tests.helpers import REPO
+from tests.helpers.compose import DOCKER, ENV_EXAMPLE, compose_config, instructions
+from tests.helpers.processes import free_port, start, stop, tail, wait_until
+from tests.helpers.servers import base_env, run_deployment_and_wait, stop_flow_run
 
 PG_HOST, PG_PORT = "127.0.0.1", 5432  # the postgres image's port (not published by the stack)
 PROJECT_ROOT = "/opt/cogvx"  # WORKDIR of the images' project, where flow-deploy runs
 NAME_KEYS = ("MLFLOW_DB", "MLFLOW_DB_USER", "PREFECT_DB", "PREFECT_DB_USER")
-DEPLOYMENT = "cogvx-finetune/cogvx-finetune"
 FAST = ["data.synthetic_clips=2", "train.max_steps=3", "validate.num_inference_steps=2"]
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
@@ -52,60 +51,11 @@ LORA_FILE = "pytorch_lora_weights.safetensors"
 # ----------------------------------------------------------------------------- plumbing
 
 
-def free_port() -> int:
-    """A TCP port nobody listens on at the moment, on 127.0.0.1."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def postgres_answers() -> bool:
     """Whether something accepts connections on 127.0.0.1:5432."""
     with socket.socket() as sock:
         sock.settimeout(1)
         return sock.connect_ex((PG_HOST, PG_PORT)) == 0
-
-
-def wait_until(check: Callable[[], Any], timeout: float, what: str,
-               proc: subprocess.Popen | None = None, log: Path | None = None) -> Any:
-    """Poll ``check()`` every 0.5 s until it returns something truthy; fail after ``timeout``
-    s, or at once if ``proc`` exits, with the tail of ``log``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            pytest.fail(f"{what}: the process exited with {proc.returncode}\n{tail(log)}")
-        if result := check():
-            return result
-        time.sleep(0.5)
-    pytest.fail(f"{what}: not within {timeout:.0f} s\n{tail(log)}")
-
-
-def tail(log: Path | None, chars: int = 4000) -> str:
-    """The end of a log file (empty if there is none)."""
-    return log.read_text(errors="replace")[-chars:] if log is not None and log.is_file() else ""
-
-
-def start(argv: list[str], env: dict[str, str], cwd: Path, log: Path) -> subprocess.Popen:
-    """Start ``argv`` as the leader of a new process group, output to ``log``."""
-    cwd.mkdir(parents=True, exist_ok=True)
-    with open(log, "wb") as out:
-        return subprocess.Popen(argv, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """Stop a process started here and what it started in its group, by its id."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # children left behind in the group (uvicorn workers)
-    except ProcessLookupError:
-        pass
 
 
 # ----------------------------------------------------------------------------- the configuration
@@ -176,18 +126,6 @@ class LocalStack:
         test = self.services[service]["healthcheck"]["test"]
         assert test[0] == "CMD", test
         return [self.localize(arg, service) for arg in test[1:]]
-
-
-def base_env(root: Path) -> dict[str, str]:
-    """What every local process shares: this virtualenv first on PATH, Prefect's home and
-    settings in ``root``, quiet logs, no telemetry, no Hugging Face hub."""
-    env = {key: value for key, value in os.environ.items()
-           if not key.startswith(("PREFECT_", "MLFLOW_", "PG", "HF_"))}
-    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-               PREFECT_HOME=str(root / "prefect-home"), PREFECT_LOGGING_LEVEL="WARNING",
-               PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1", PREFECT_CLI_PROMPT="false",
-               HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1", PYTHONUNBUFFERED="1")
-    return env
 
 
 def copy_image_project(dockerfile: Path, dest: Path) -> Path:
@@ -291,36 +229,6 @@ def start_worker(stack: LocalStack, env: dict[str, str], root: Path) -> subproce
     check = json.loads(health.split(" CMD ", 1)[1])
     wait_until(lambda: command_succeeds(check, worker_env, root), 90, "worker healthcheck", worker, root / "worker.log")
     return worker
-
-
-def run_deployment_and_wait(api_url: str, overrides: list[str], timeout: float) -> tuple[Any, Any, list[Any]]:
-    """Trigger the deployment with its overrides plus ``overrides``, wait for a final state;
-    return the deployment, the flow run and the pool's workers, read from the Prefect API."""
-    from prefect import get_client
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    with temporary_settings(updates={PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
-        deployment = client.read_deployment_by_name(DEPLOYMENT)
-        flow_run = client.create_flow_run_from_deployment(
-            deployment.id, parameters={"overrides": [*deployment.parameters["overrides"], *overrides]})
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            flow_run = client.read_flow_run(flow_run.id)
-            if flow_run.state is not None and flow_run.state.is_final():
-                break
-            time.sleep(1)
-        workers = client.read_workers_for_work_pool(deployment.work_pool_name)
-    return deployment, flow_run, workers
-
-
-def stop_flow_run(flow_run: Any) -> None:
-    """A flow run the worker started here and that is still going: stop its process, by id."""
-    pid = (flow_run.infrastructure_pid or "").rpartition(":")[2] if flow_run is not None else ""
-    if pid.isdigit() and not flow_run.state.is_final():
-        try:
-            os.kill(int(pid), signal.SIGTERM)
-        except ProcessLookupError:
-            pass
 
 
 @pytest.mark.slow

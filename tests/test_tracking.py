@@ -10,12 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
 import socket
 import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -23,61 +20,14 @@ from mlflow import MlflowClient
 
 from cogvx.config import load_config
 from cogvx.errors import CogvxError
+from cogvx.reports import TrainingReport
 from cogvx.tracking import (CLIENT_ENV, PENDING_FILE, NullTracker, RunTracker, TrackingUnavailable,
                             TrackingWarning, check_tracking, list_registered, promote, register_lora,
                             replay_pending, resolve_lora, tracker_for)
+from tests.helpers.processes import free_port
+from tests.helpers.servers import spawn_server, stop_server, wait_healthy
 
 REGISTERED = "cogvx-lora-test"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def spawn_server(root: Path, backend_uri: str | None = None, port: int | None = None) -> tuple[subprocess.Popen, str]:
-    """Start `mlflow server` on ``port`` (default: a free one) with a SQLite (or the given) store and
-    served artifacts (no wait)."""
-    root.mkdir(parents=True, exist_ok=True)
-    port = port or free_port()
-    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-    args = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-            "--backend-store-uri", backend_uri or f"sqlite:///{root / 'mlflow.db'}", "--serve-artifacts",
-            "--artifacts-destination", str(root / "artifacts")]
-    log = open(root / "server.log", "ab")
-    process = subprocess.Popen(args, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    log.close()
-    return process, f"http://127.0.0.1:{port}"
-
-
-def wait_healthy(process: subprocess.Popen, url: str, root: Path, timeout: float = 60) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"mlflow server exited {process.returncode}:\n"
-                                 + (root / "server.log").read_text(errors="replace")[-3000:])
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2):
-                return url
-        except OSError:
-            time.sleep(0.25)
-    raise AssertionError(f"mlflow server at {url} not healthy after {timeout} s")
-
-
-def stop_server(process: subprocess.Popen) -> None:
-    """Terminate the server we started (and its uvicorn worker, in the same new session), by id."""
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=15)
-    try:
-        os.killpg(process.pid, signal.SIGKILL)  # a worker left behind in the server's own group
-    except ProcessLookupError:
-        pass  # the whole group is gone already
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -137,10 +87,10 @@ def config_for(trained: dict, out: Path | None = None, *extra: str):
     return load_config(None, [*overrides(trained["paths"], out or trained["paths"]["out"]), *extra])
 
 
-def replay(tracker, report: dict) -> None:
+def replay(tracker, report: TrainingReport) -> None:
     """What the training loop does per step, with the real run's losses."""
-    for step, loss in report["losses"]:
-        tracker.log_step(step, loss, lr=1e-4, grad_norm=0.5, s_per_step=report["timing"]["s_per_step"])
+    for step, loss in report.losses:
+        tracker.log_step(step, loss, lr=1e-4, grad_norm=0.5, s_per_step=report.timing.s_per_step)
 
 
 # ----------------------------------------------------------------------------- failing fast
@@ -186,12 +136,13 @@ def test_unusable_local_stores_are_refused(tmp_path):
     assert (tmp_path / "new").is_dir()
 
 
+@pytest.mark.slow
 def test_disabled_tracking_does_nothing(trained):
     config = config_for(trained, None, "tracking.enabled=false", "tracking.tracking_uri=http://127.0.0.1:9")
     tracker = tracker_for(config)
     assert isinstance(tracker, NullTracker)
     tracker.start(config).log_step(1, 0.5, 1e-4, 1.0, 0.1)
-    assert tracker.finish(trained["report"], trained["paths"]["out"])["run_id"] is None
+    assert tracker.finish(trained["report"], trained["paths"]["out"]).run_id is None
     tracker.fail("boom")
 
 
@@ -207,11 +158,12 @@ def logged_run(server, trained, tmp_path_factory) -> dict:
     return {"config": config, "result": result, "client": MlflowClient(tracking_uri=server, registry_uri=server)}
 
 
+@pytest.mark.slow
 def test_run_records_config_provenance_metrics_and_files(logged_run, trained):
-    client, run_id = logged_run["client"], logged_run["result"]["run_id"]
-    assert logged_run["result"]["complete"] and not logged_run["result"]["problems"]
+    client, run_id = logged_run["client"], logged_run["result"].run_id
+    assert logged_run["result"].complete and not logged_run["result"].problems
     run = client.get_run(run_id)
-    assert run.info.status == "FINISHED" and run.info.experiment_id == logged_run["result"]["experiment_id"]
+    assert run.info.status == "FINISHED" and run.info.experiment_id == logged_run["result"].experiment_id
     params, tags, metrics = run.data.params, run.data.tags, run.data.metrics
     assert params["train.lora.rank"] == "8" and params["train.max_steps"] == "2"
     assert params["tracking.tracking_uri"] == logged_run["config"].tracking.tracking_uri
@@ -221,12 +173,12 @@ def test_run_records_config_provenance_metrics_and_files(logged_run, trained):
     assert tags["cogvx.model"] == "tiny-t2v" and tags["cogvx.model_source"] == str(trained["paths"]["model"])
     assert tags["cogvx.git_commit"] == "unknown" and tags["cogvx.version"]
     history = client.get_metric_history(run_id, "train/loss")
-    assert [(m.step, round(m.value, 6)) for m in history] == [tuple(x) for x in trained["report"]["losses"]]
+    assert [(m.step, round(m.value, 6)) for m in history] == [tuple(x) for x in trained["report"].losses]
     assert len(client.get_metric_history(run_id, "train/grad_norm")) == 2
-    phases = trained["report"]["memory"]["phases"]
+    phases = trained["report"].memory.phases
     for phase in ("load", "train", "validation"):
-        assert metrics[f"memory/{phase}/peak_allocated_gib"] == pytest.approx(phases[phase]["peak_allocated_gib"])
-    assert metrics["timing/s_per_step"] > 0 and metrics["final_loss"] == pytest.approx(trained["report"]["final_loss"])
+        assert metrics[f"memory/{phase}/peak_allocated_gib"] == pytest.approx(phases[phase].peak_allocated_gib)
+    assert metrics["timing/s_per_step"] > 0 and metrics["final_loss"] == pytest.approx(trained["report"].final_loss)
     files = {a.path for a in client.list_artifacts(run_id)}
     assert {"report.json", "cogvx-config.yaml", "lora", "validation"} <= files
     assert [a.path for a in client.list_artifacts(run_id, "lora")] == ["lora/pytorch_lora_weights.safetensors"]
@@ -234,6 +186,7 @@ def test_run_records_config_provenance_metrics_and_files(logged_run, trained):
     assert [a.path for a in clips] == ["validation/step-000002/prompt-00.mp4"] and clips[0].file_size > 0
 
 
+@pytest.mark.slow
 def test_step_metrics_are_sent_in_batches(server, trained, tmp_path):
     config = config_for(trained, tmp_path / "run", f"tracking.tracking_uri={server}")
     tracker = RunTracker(flush_every=3, source_dir=tmp_path).start(config)
@@ -255,21 +208,22 @@ def test_step_metrics_are_sent_in_batches(server, trained, tmp_path):
 
 @pytest.fixture(scope="module")
 def registered(logged_run, trained) -> dict:
-    return register_lora(Path(trained["report"]["weights"]), logged_run["config"], logged_run["result"]["run_id"])
+    return register_lora(Path(trained["report"].weights), logged_run["config"], logged_run["result"].run_id)
 
 
+@pytest.mark.slow
 def test_register_promote_and_fetch_by_alias(registered, logged_run, server, trained, tmp_path, tiny_models):
     from cogvx.generate import attach_lora
     from cogvx.models.loader import load_pipeline
     from cogvx.models.specs import get_spec
 
-    weights = Path(trained["report"]["weights"])
+    weights = Path(trained["report"].weights)
     assert (registered["name"], registered["version"]) == (REGISTERED, "1")
     assert registered["model_id"].startswith("m-")
     version = logged_run["client"].get_model_version(REGISTERED, "1")
     assert version.tags["rank"] == "8" and version.tags["alpha"] == "8" and version.tags["variant"] == "tiny-t2v"
     assert version.tags["base_model"] == str(trained["paths"]["model"])
-    assert version.run_id == logged_run["result"]["run_id"]
+    assert version.run_id == logged_run["result"].run_id
     assert list_registered(server, REGISTERED)[0]["aliases"] == []
 
     assert promote(server, REGISTERED, 1)["alias"] == "champion"
@@ -287,6 +241,7 @@ def test_register_promote_and_fetch_by_alias(registered, logged_run, server, tra
     assert resolve_lora(str(weights), server, tmp_path / "unused") == weights
 
 
+@pytest.mark.slow
 def test_missing_registry_entries_name_what_exists(registered, server, tmp_path):
     with pytest.raises(CogvxError, match=rf"no registered model 'nope' .*registered models: {REGISTERED}"):
         resolve_lora("models:/nope@champion", server, tmp_path)
@@ -303,6 +258,7 @@ def test_missing_registry_entries_name_what_exists(registered, server, tmp_path)
 # ----------------------------------------------------------------------------- the server goes away
 
 
+@pytest.mark.slow
 def test_server_killed_mid_run_loses_nothing(doomed_server, trained, tmp_path):
     process, url = doomed_server
     out = tmp_path / "run"
@@ -322,7 +278,7 @@ def test_server_killed_mid_run_loses_nothing(doomed_server, trained, tmp_path):
     assert tracker.problems and "sending metrics failed" in tracker.problems[0]
     with pytest.warns(TrackingWarning, match="incomplete"):
         result = tracker.finish(trained["report"], trained["paths"]["out"])
-    assert result["run_id"] == tracker.run_id and not result["complete"]
+    assert result.run_id == tracker.run_id and not result.complete
     records = [json.loads(line) for line in (out / PENDING_FILE).read_text().splitlines()]
     assert {"final_loss", "memory/train/peak_allocated_gib", "train/loss"} <= {r.get("key") for r in records}
     assert [r["end"]["status"] for r in records if "end" in r] == ["FINISHED"]  # for `cogvx tracking replay`
@@ -331,6 +287,7 @@ def test_server_killed_mid_run_loses_nothing(doomed_server, trained, tmp_path):
 # ----------------------------------------------------------------------------- local stores
 
 
+@pytest.mark.slow
 def test_default_sqlite_store_in_the_working_folder(trained, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     config = config_for(trained, tmp_path / "run")
@@ -338,11 +295,11 @@ def test_default_sqlite_store_in_the_working_folder(trained, tmp_path, monkeypat
     tracker = tracker_for(config, source_dir=tmp_path).start(config)
     replay(tracker, trained["report"])
     result = tracker.finish(trained["report"], trained["paths"]["out"])
-    assert result["complete"] and (tmp_path / "mlflow.db").is_file()
+    assert result.complete and (tmp_path / "mlflow.db").is_file()
     assert list((tmp_path / "mlruns").rglob("pytorch_lora_weights.safetensors"))
     client = MlflowClient(tracking_uri="sqlite:///mlflow.db")
-    assert len(client.get_metric_history(result["run_id"], "train/loss")) == 2
-    registered = register_lora(Path(trained["report"]["weights"]), config, result["run_id"])
+    assert len(client.get_metric_history(result.run_id, "train/loss")) == 2
+    registered = register_lora(Path(trained["report"].weights), config, result.run_id)
     promote("sqlite:///mlflow.db", registered["name"], registered["version"])
     folder = resolve_lora(f"models:/{registered['name']}@champion", "sqlite:///mlflow.db", tmp_path / "fetched")
     assert (folder / "pytorch_lora_weights.safetensors").is_file()
@@ -353,6 +310,7 @@ def test_default_sqlite_store_in_the_working_folder(trained, tmp_path, monkeypat
         resolve_lora(f"models:/{registered['name']}@staging", "sqlite:///mlflow.db", tmp_path / "fetched")
 
 
+@pytest.mark.slow
 def test_postgres_store_when_available(trained, tmp_path):
     """Optional: a PostgreSQL tracking store, when one answers on 127.0.0.1:5432 and psycopg2 is installed."""
     pytest.importorskip("psycopg2")
@@ -364,7 +322,7 @@ def test_postgres_store_when_available(trained, tmp_path):
     config = config_for(trained, tmp_path / "run", f"tracking.tracking_uri={uri}")
     tracker = RunTracker(source_dir=tmp_path).start(config)
     replay(tracker, trained["report"])
-    assert tracker.finish(trained["report"], trained["paths"]["out"])["complete"]
+    assert tracker.finish(trained["report"], trained["paths"]["out"]).complete
 
 
 def test_params_are_dotted_strings_within_mlflow_limits():
@@ -376,6 +334,7 @@ def test_params_are_dotted_strings_within_mlflow_limits():
     assert len(flat["validate.prompts"]) == MAX_PARAM_CHARS and flat["validate.prompts"].endswith("truncated]")
 
 
+@pytest.mark.slow
 def test_train_tracks_and_registers_through_the_server(trained, server, tmp_path):
     """The training loop's own wiring: `train()` logs per step, finishes the run, registers the LoRA."""
     from cogvx.training.loop import train
@@ -383,13 +342,13 @@ def test_train_tracks_and_registers_through_the_server(trained, server, tmp_path
     config = config_for(trained, tmp_path / "tracked", f"tracking.tracking_uri={server}",
                         "tracking.registered_model=cogvx-wired")
     report = train(config, log=lambda *_: None)
-    tracking = report["tracking"]
-    assert tracking["complete"] and tracking["registered"]["name"] == "cogvx-wired"
+    tracking = report.tracking
+    assert tracking.complete and tracking.registered["name"] == "cogvx-wired"
     client = MlflowClient(tracking_uri=server, registry_uri=server)
-    history = client.get_metric_history(tracking["run_id"], "train/loss")
+    history = client.get_metric_history(tracking.run_id, "train/loss")
     assert [m.step for m in history] == [1, 2]
-    assert client.get_run(tracking["run_id"]).info.status == "FINISHED"
-    assert client.get_model_version("cogvx-wired", tracking["registered"]["version"]).tags["rank"] == "8"
+    assert client.get_run(tracking.run_id).info.status == "FINISHED"
+    assert client.get_model_version("cogvx-wired", tracking.registered["version"]).tags["rank"] == "8"
 
 
 # ----------------------------------------------------------------------------- any store
@@ -410,12 +369,12 @@ def test_training_registers_and_downloads_on_the_configured_store_only(kind, tra
            "file-store": (tmp_path / "file-store").as_uri()}[kind]
     config = config_for(trained, tmp_path / "run", f"tracking.tracking_uri={uri}")
     report = train(config, log=lambda *_: None)
-    assert report["tracking"]["complete"], report["tracking"]
-    version = report["tracking"]["registered"]["version"]
+    assert report.tracking.complete, report.tracking
+    version = report.tracking.registered["version"]
     promote(uri, REGISTERED, version)
     fetched = resolve_lora(f"models:/{REGISTERED}@champion", uri, tmp_path / "fetched")
     name = "pytorch_lora_weights.safetensors"
-    assert (fetched / name).read_bytes() == (Path(report["weights"]) / name).read_bytes()
+    assert (fetched / name).read_bytes() == (Path(report.weights) / name).read_bytes()
     assert sorted(p.name for p in work.iterdir()) == (["stores"] if kind == "sqlite-relative" else [])
     if kind.startswith("sqlite"):
         db = Path("stores/tracking.db") if kind == "sqlite-relative" else tmp_path / "stores" / "tracking.db"
@@ -438,8 +397,8 @@ def test_replay_sends_what_a_dead_server_missed_and_ends_runs_truly(trained, tmp
     with pytest.warns(TrackingWarning):
         for tracker in (finished, vanished):
             tracker.log_step(2, 0.8, 1e-4, 1.0, 0.1)
-        (out / "report.json").write_text(json.dumps(trained["report"]))
-        assert not finished.finish(trained["report"], out)["complete"]  # `vanished` never finishes
+        (out / "report.json").write_text(trained["report"].to_json())
+        assert not finished.finish(trained["report"], out).complete  # `vanished` never finishes
     process, url = spawn_server(root, port=port)
     try:
         wait_healthy(process, url, root)
@@ -450,7 +409,7 @@ def test_replay_sends_what_a_dead_server_missed_and_ends_runs_truly(trained, tmp
         assert client.get_run(vanished.run_id).info.status == "KILLED"
         assert [m.step for m in client.get_metric_history(finished.run_id, "train/loss")] == [1, 2]
         assert [m.step for m in client.get_metric_history(vanished.run_id, "train/loss")] == [2]
-        assert client.get_run(finished.run_id).data.metrics["final_loss"] == trained["report"]["final_loss"]
+        assert client.get_run(finished.run_id).data.metrics["final_loss"] == trained["report"].final_loss
         assert done[finished.run_id]["registered"]["name"] == REGISTERED
         assert not (out / PENDING_FILE).exists()
         with pytest.raises(CogvxError, match="nothing to replay"):

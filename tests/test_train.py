@@ -7,14 +7,12 @@ import shutil
 import signal
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from cogvx.config import load_config
 from cogvx.generate import attach_lora
@@ -24,45 +22,19 @@ from cogvx.models.specs import get_spec
 from cogvx.training.checkpoint import list_checkpoints
 from cogvx.models.lora import read_lora_metadata
 from cogvx.training.loop import train
+from tests.helpers.training import base_overrides, lora_tensors, run, train_process
 
 
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory, tiny_models) -> dict[str, Path]:
-    """Two synthetic clips, encoded once for the module."""
-    from cogvx.data.synthetic import make_synthetic_dataset
-    from cogvx.prepare import run_prepare
-
-    root = tmp_path_factory.mktemp("train-data")
-    make_synthetic_dataset(root / "raw", 2, seed=5)
-    paths = {"raw": root / "raw", "latents": root / "latents", "model": tiny_models["tiny-t2v"]}
-    run_prepare(load_config(None, base_overrides(paths)), log=lambda *_: None)
-    return paths
-
-
-def base_overrides(paths: dict[str, Path]) -> list[str]:
-    return [f"model.path={paths['model']}", f"data.data_root={paths['raw']}",
-            f"prepare.output_dir={paths['latents']}", "prepare.num_workers=0",
-            "validate.num_inference_steps=2", "train.lora.rank=8", "train.lora.alpha=8",
-            "tracking.enabled=false"]
-
-
-def run(paths, out: Path, *extra: str, resume: str | None = None) -> dict:
-    config = load_config(None, [*base_overrides(paths), f"train.output_dir={out}", *extra])
-    return train(config, resume=resume, log=lambda *_: None)
-
-
+@pytest.mark.slow
 def test_loss_goes_down_when_overfitting_one_clip(prepared, tmp_path):
     report = run(prepared, tmp_path / "run", "train.max_steps=30", "train.learning_rate=1e-2",
                  "train.checkpointing_steps=100")
-    losses = [loss for _, loss in report["losses"]]
+    losses = [loss for _, loss in report.losses]
     assert len(losses) == 30 and all(np.isfinite(losses))
     assert statistics.mean(losses[-10:]) < 0.9 * statistics.mean(losses[:5])
 
 
-def lora_tensors(out: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(out / "lora" / "pytorch_lora_weights.safetensors"))
-
-
+@pytest.mark.slow
 def test_resumed_run_is_bit_identical_to_a_straight_one(prepared, tmp_path):
     settings = ("train.max_steps=8", "train.checkpointing_steps=4", "train.gradient_accumulation_steps=2",
                 "train.lr_warmup_steps=3", "train.learning_rate=1e-3")
@@ -73,13 +45,14 @@ def test_resumed_run_is_bit_identical_to_a_straight_one(prepared, tmp_path):
         shutil.rmtree(later)
     shutil.rmtree(tmp_path / "resumed" / "lora")
     resumed = run(prepared, tmp_path / "resumed", *settings, resume="latest")
-    assert resumed["steps"] == 8
+    assert resumed.steps == 8
     straight, again = lora_tensors(tmp_path / "straight"), lora_tensors(tmp_path / "resumed")
     assert straight.keys() == again.keys()
     assert all(torch.equal(straight[k], again[k]) for k in straight)
     assert any(t.abs().sum() > 0 for k, t in straight.items() if "lora_B" in k)
 
 
+@pytest.mark.slow
 def test_checkpoint_limit_keeps_the_newest(prepared, tmp_path):
     run(prepared, tmp_path / "run", "train.max_steps=5", "train.checkpointing_steps=1",
         "train.checkpoints_total_limit=2")
@@ -96,6 +69,7 @@ def trained(prepared, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_lora_file_records_what_it_is(trained, prepared):
     meta = read_lora_metadata(trained / "lora" / "pytorch_lora_weights.safetensors")
     assert (meta["rank"], meta["alpha"]) == (8, 8)
@@ -108,6 +82,7 @@ def test_lora_file_records_what_it_is(trained, prepared):
     assert (trained / "validation" / "step-000012" / "prompt-00.mp4").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_lora_loads_in_diffusers_and_changes_generation(trained, prepared):
     pipe = load_pipeline(str(prepared["model"]), get_spec("tiny-t2v"))
 
@@ -123,6 +98,7 @@ def test_lora_loads_in_diffusers_and_changes_generation(trained, prepared):
     assert np.array_equal(scale_zero, base)
 
 
+@pytest.mark.slow
 def test_generate_cli_writes_the_asked_clip(run_cli, trained, prepared, tmp_path):
     import decord
 
@@ -137,11 +113,6 @@ def test_generate_cli_writes_the_asked_clip(run_cli, trained, prepared, tmp_path
     assert bad.returncode == 1 and "no such LoRA file" in bad.stderr
 
 
-def train_process(prepared, out: Path, *extra: str) -> subprocess.Popen:
-    args = [sys.executable, "-m", "cogvx", "train", *base_overrides(prepared), f"train.output_dir={out}", *extra]
-    return subprocess.Popen(args, cwd=out.parent, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-
-
 def wait_for_checkpoint(out: Path, step: int, process: subprocess.Popen, timeout: float = 180) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and process.poll() is None:
@@ -151,6 +122,7 @@ def wait_for_checkpoint(out: Path, step: int, process: subprocess.Popen, timeout
     raise AssertionError(f"no checkpoint {step} (exit {process.poll()})")
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_finishes_like_a_straight_run(prepared, tmp_path):
     settings = ("train.max_steps=40", "train.checkpointing_steps=1", "train.checkpoints_total_limit=2")
     run(prepared, tmp_path / "straight", *settings)
@@ -162,11 +134,12 @@ def test_sigkill_then_resume_finishes_like_a_straight_run(prepared, tmp_path):
     process.wait()
     assert not (out / "lora").exists()
     finished = run(prepared, out, *settings, resume="latest")
-    assert finished["steps"] == 40
+    assert finished.steps == 40
     straight, resumed = lora_tensors(tmp_path / "straight"), lora_tensors(out)
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_exits_130(prepared, tmp_path):
     out = tmp_path / "stopped"
     out.mkdir()
@@ -183,6 +156,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_130(prepared, tmp_path):
     assert len(saved) == 1 and 0 < int(saved[0].name.split("-")[1]) < 400
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["tiny-i2v", "tiny-1.5-t2v", "tiny-1.5-i2v"])
 def test_other_families_train_a_few_steps(variant, tiny_models, tmp_path):
     """Image conditioning, 1.5 temporal padding and ofs go through the same loop."""
@@ -196,11 +170,12 @@ def test_other_families_train_a_few_steps(variant, tiny_models, tmp_path):
     config = load_config(None, overrides)
     run_prepare(config, log=lambda *_: None)
     report = train(config, log=lambda *_: None)
-    assert report["steps"] == 2 and np.isfinite(report["final_loss"])
-    meta = read_lora_metadata(Path(report["weights"]) / "pytorch_lora_weights.safetensors")
+    assert report.steps == 2 and np.isfinite(report.final_loss)
+    meta = read_lora_metadata(Path(report.weights) / "pytorch_lora_weights.safetensors")
     assert meta["cogvx"]["variant"] == variant
 
 
+@pytest.mark.slow
 def test_resume_refuses_checkpoints_of_other_settings(prepared, tmp_path):
     from cogvx.errors import CogvxError
 
@@ -208,18 +183,20 @@ def test_resume_refuses_checkpoints_of_other_settings(prepared, tmp_path):
     saved = list_checkpoints(tmp_path / "run" / "checkpoints")[-1]
     # 'latest' ignores the other run's checkpoints and starts afresh.
     fresh = run(prepared, tmp_path / "run", "train.max_steps=3", "train.learning_rate=2e-3", resume="latest")
-    assert fresh["steps"] == 3 and len(fresh["losses"]) == 3
+    assert fresh.steps == 3 and len(fresh.losses) == 3
     with pytest.raises(CogvxError, match="other training settings or data"):
         run(prepared, tmp_path / "run", "train.max_steps=2", "train.learning_rate=5e-3", resume=str(saved))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer", ["adam", "adamw8bit", "prodigy"])
 def test_other_optimizers_step(prepared, tmp_path, optimizer):
     report = run(prepared, tmp_path / "run", "train.max_steps=2", f"train.optimizer={optimizer}",
                  "train.lr_scheduler=cosine", "train.lr_warmup_steps=1")
-    assert report["steps"] == 2 and np.isfinite(report["final_loss"])
+    assert report.steps == 2 and np.isfinite(report.final_loss)
 
 
+@pytest.mark.slow
 def test_gpu_only_optimizer_is_refused_on_cpu(prepared, tmp_path):
     from cogvx.errors import CogvxError
 
@@ -260,6 +237,7 @@ def test_8bit_adamw_state_survives_a_checkpoint(tmp_path):
                 assert torch.equal(value.cpu(), quant_after[name].cpu()), name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damaged", ["trainable.safetensors", "optimizer.safetensors"])
 def test_truncated_checkpoint_file_is_named_in_a_clear_error(prepared, tmp_path, damaged):
     from cogvx.errors import CogvxError

@@ -6,6 +6,12 @@ from __future__ import annotations
 import pickle
 from pathlib import Path
 
+import pytest
+
+from tests.helpers import offline_env
+
+pytestmark = pytest.mark.slow  # both tests run the `cogvx` CLI with models, one a whole prepare-train-generate run
+
 
 class _Payload:
     """Unpickling this creates a file: proof that something unpickled it."""
@@ -34,8 +40,6 @@ def test_pickle_offered_as_lora_is_refused_unopened(run_cli, tiny_models, tmp_pa
 def test_secrets_in_the_environment_end_up_in_no_file(run_cli, tiny_models, tmp_path):
     """An HF token and MLflow credentials set for a whole run (data, prepare, train with MLflow
     tracking to a local store, generate) appear in none of the files it writes."""
-    from tests.conftest import offline_env
-
     secrets = {"HF_TOKEN": "hf_cogvxSECRETtoken123", "HUGGING_FACE_HUB_TOKEN": "hf_cogvxSECRETtoken456",
                "MLFLOW_TRACKING_PASSWORD": "mlflowSECRETpass789"}
     env = {**offline_env(tmp_path), **secrets}
