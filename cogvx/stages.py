@@ -84,8 +84,9 @@ class DataCheck:
     report: Path | None  # where the dropped samples are listed (None when none was dropped)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"samples": self.samples, "valid": self.valid, "dropped": self.dropped,
-                "problems": self.problems, "report": str(self.report) if self.report else None}
+        """The JSON form (the flow's validate summary); ``report`` only when samples were dropped."""
+        figures = {"samples": self.samples, "valid": self.valid, "dropped": self.dropped, "problems": self.problems}
+        return {**figures, "report": str(self.report)} if self.report else figures
 
 
 def validate_data(config: Config, report: Path | None = None) -> DataCheck:
