@@ -106,13 +106,13 @@ def prepare(config: Config, prune: bool = False, log=print, metrics_dir: Path | 
     """Validate, then encode the clips and captions not encoded yet; the run's PrepareSummary (on
     the processes of prepare.accelerate_config when it names one). ``metrics_dir`` gets DVC's
     metrics files (written by the main process)."""
-    from cogvx.distributed import is_main_process, should_launch
+    from cogvx.distributed import is_main_process, run_launched, should_launch
     from cogvx.prepare import PrepareSummary, run_prepare, write_prepare_metrics
 
     if should_launch(config.prepare.accelerate_config):
         with tempfile.TemporaryDirectory(prefix="cogvx-prepare-") as folder:
             summary_file = Path(folder) / "summary.json"
-            _launch(config, "prepare", ["--summary", str(summary_file), *(["--prune"] if prune else [])])
+            run_launched(config, "prepare", ["--summary", str(summary_file), *(["--prune"] if prune else [])])
             summary = PrepareSummary(**json.loads(summary_file.read_text(encoding="utf-8")))
     else:
         summary = run_prepare(config, prune=prune, log=log)
@@ -124,22 +124,15 @@ def prepare(config: Config, prune: bool = False, log=print, metrics_dir: Path | 
 def train(config: Config, resume: str | None = None, log=print, on_step=None, metrics_dir: Path | None = None):
     """Fine-tune (resuming from ``resume``: 'latest' or a checkpoint folder); the TrainingReport
     (on the processes of train.accelerate_config when it names one, ``on_step`` then unused)."""
-    from cogvx.distributed import should_launch
+    from cogvx.distributed import run_launched, should_launch
     from cogvx.reports import TrainingReport
     from cogvx.training.loop import train as run_training
 
     if not should_launch(config.train.accelerate_config):
         return run_training(config, resume=resume, log=log, on_step=on_step, metrics_dir=metrics_dir)
     extra = [*(["--resume", resume] if resume else []), *(["--metrics", str(metrics_dir)] if metrics_dir else [])]
-    _launch(config, "train", extra)
+    run_launched(config, "train", extra)
     return TrainingReport.read(config.train.output_dir)
-
-
-def _launch(config: Config, command: str, extra: list[str]) -> None:
-    """`cogvx command` on the processes of the command's accelerate config, under this config."""
-    from cogvx.distributed import run_launched
-
-    run_launched(config, command, extra)
 
 
 def generate(config: Config, request, log=print) -> Path:
