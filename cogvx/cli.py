@@ -8,6 +8,7 @@ User errors print one message (no traceback) and exit non-zero.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import warnings
 from contextlib import contextmanager
@@ -502,7 +503,7 @@ def flow_serve(
 
 @bench_app.command("run")
 def bench_run(
-    suite: Annotated[str, typer.Option(help="Suite of cases: issue7 (real sizes, needs a CUDA GPU with 80 GB), issue10 (several GPUs) or smoke (tiny model, any machine).")] = "issue7",
+    suite: Annotated[str, typer.Option(help="Suite of cases: issue17 (the presets and every headline setting; run it with --memory-cap-gib 23), issue7 (real sizes, needs a CUDA GPU with 80 GB), issue10 (several GPUs) or smoke (tiny model, any machine).")] = "issue7",
     case: Annotated[Optional[list[str]], typer.Option("--case", help="Run only these cases of the suite (repeatable).")] = None,
     out_file: Annotated[Path, typer.Option("--out", help="JSON results file (rewritten after every case).")] = Path("bench/results/latest.json"),
     reference: Annotated[Optional[Path], typer.Option(help="The reference step script (anchor_lora_step.py) to run side by side.")] = None,
@@ -511,6 +512,7 @@ def bench_run(
     commit: Annotated[Optional[str], typer.Option(help="Commit to record (default: git rev-parse HEAD).")] = None,
     timeout: Annotated[float, typer.Option(help="Seconds allowed per case.")] = 900.0,
     processes: Annotated[Optional[int], typer.Option(min=1, help="GPUs for the cases run under accelerate launch (default: each case's own).")] = None,
+    memory_cap_gib: Annotated[Optional[float], typer.Option(min=1.0, help="Simulate a smaller card: cap every case's CUDA allocator at this many GiB before any CUDA work (23 for a 24 GB card, whose CUDA context takes the rest); the JSON records the cap and whether each case fit. The reference step is never capped.")] = None,
 ) -> None:
     """Run a benchmark suite: each case in its own process, the reference step alongside; print a table, write JSON."""
     import torch
@@ -522,7 +524,7 @@ def bench_run(
     cases = select(suite, case)
     check_runnable(cases, torch.cuda.is_available())
     report = run_suite(cases, suite, out_file, workdir, reference, clips, commit, timeout, log=out.print,
-                       processes=processes)
+                       processes=processes, memory_cap_gib=memory_cap_gib)
     out.print(text_table([report]), highlight=False, soft_wrap=True)
     out.print(f"results in {out_file}")
     failed = [c["case"] for c in report["cases"] if "error" in c]
@@ -542,7 +544,18 @@ def bench_case(
     from cogvx.benchmark.worker import run_case
     from cogvx.distributed import is_main_process
 
-    result = run_case(select(suite, [name])[0], workdir, clips)
+    import torch
+
+    try:
+        result = run_case(select(suite, [name])[0], workdir, clips)
+    except torch.OutOfMemoryError as err:  # a result, not a crash: the case does not fit (the cap)
+        from cogvx.benchmark.worker import MEMORY_CAP_ENV
+
+        cap = os.environ.get(MEMORY_CAP_ENV) or None
+        print("RESULT " + json.dumps({"case": name, "error": "out of memory" + (f" under the {cap} GiB cap" if cap else ""),
+                                      "oom": True, "memory_cap_gib": float(cap) if cap else None,
+                                      "fits_memory_cap": False, "detail": str(err).splitlines()[0][:300]}), flush=True)
+        raise typer.Exit(1) from None
     if is_main_process():  # under accelerate launch the main process reports for all
         print("RESULT " + json.dumps(result), flush=True)
 

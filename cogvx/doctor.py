@@ -44,6 +44,22 @@ def device_report() -> dict[str, str]:
     return report
 
 
+def preset_report() -> str:
+    """The train.preset to pick here: none on a CPU; on a GPU (the first) the fastest preset whose
+    estimated 5b LoRA 49x480x720 peak fits its memory and whose kernels it has (fp8: 8.9+)."""
+    import torch
+
+    from cogvx.training.presets import DOCTOR_CASE_NAME, device_facts, suggest_preset
+
+    if not torch.cuda.is_available():
+        return "none (presets are GPU settings)"
+    capability, total = device_facts(torch.device("cuda", 0))
+    name, need = suggest_preset(capability, total)
+    if name == "none":
+        return f"none ({DOCTOR_CASE_NAME} needs ~{need:.0f} GiB even with lean, the GPU has {total:.0f}; try cogvideox-2b)"
+    return f"{name} ({DOCTOR_CASE_NAME} needs ~{need:.0f} GiB of {total:.0f})"
+
+
 def hub_report() -> str:
     from huggingface_hub import constants
 
@@ -62,6 +78,7 @@ def collect_report() -> dict[str, str]:
     for name in CORE_PACKAGES:
         report[name] = package_version(name) or "MISSING (required)"
     report.update(device_report())
+    report["suggested preset"] = preset_report()
     for name, purpose in OPTIONAL_PARTS.items():
         version = package_version(name)
         installed = version if version and util.find_spec(name.replace("-", "_")) else None

@@ -127,9 +127,13 @@ def attach_lora(pipe, path: Path, scale: float, log=print, spec=None) -> dict:
 
 def generation_pipeline(config: Config, request: GenerateRequest, log=print, transformer_module=None):
     """The base pipeline with the request's weights, placed for rendering (validate.offload,
-    vae_tiling, compile); ``transformer_module`` replaces the transformer (benchmarks)."""
-    from cogvx.inference import pick_device, prepare_for_device
+    vae_tiling, compile); ``transformer_module`` replaces the transformer (benchmarks).
+
+    validate.cache goes on before the offload hooks (see apply_render_cache) and stays for the
+    pipeline's life: the pipeline resets the cache's state at the end of every call."""
+    from cogvx.inference import apply_render_cache, pick_device, prepare_for_device
     from cogvx.models.loader import load_pipeline, resolve_dtype
+    from cogvx.models.performance import set_attention_backend
 
     spec, device = config.spec, pick_device()
     lora, transformer = resolve_weights(config, request)
@@ -142,10 +146,18 @@ def generation_pipeline(config: Config, request: GenerateRequest, log=print, tra
     if lora is not None:
         attach_lora(pipe, lora, request.lora_scale, log, spec=spec)
     validate = config.validate_
+    set_attention_backend(pipe.transformer, config.train.attention_backend, device)
     if validate.fp8_compute:
         _quantize_for_rendering(pipe, device, lora is not None, log)
+    if apply_render_cache(pipe.transformer, config, lambda: pipe.current_timestep, request_guidance(config, request)):
+        log(f"render cache: {validate.cache} (diffusers; faster, output changes a little)")
     prepare_for_device(pipe, device, validate.offload, validate.vae_tiling, validate.compile)
     return pipe, device
+
+
+def request_guidance(config: Config, request: GenerateRequest) -> float:
+    """The request's guidance scale, else validate.guidance_scale."""
+    return config.validate_.guidance_scale if request.guidance_scale is None else request.guidance_scale
 
 
 def _quantize_for_rendering(pipe, device, has_lora: bool, log=print) -> None:
@@ -171,15 +183,13 @@ def render_request(pipe, config: Config, request: GenerateRequest, device, log=p
     from PIL import Image
 
     from cogvx.inference import render
-    from cogvx.models.performance import TransformerAttentionBackend
 
     validate, size = config.validate_, request_settings(config, request)
     image = Image.open(request.image).convert("RGB") if request.image else None
-    with TransformerAttentionBackend(pipe.transformer, config.train.attention_backend, device):
-        video = render(pipe, request.prompt, frames=size.frames, height=size.height, width=size.width,
-                       steps=request.steps or validate.num_inference_steps,
-                       guidance_scale=validate.guidance_scale if request.guidance_scale is None else request.guidance_scale,
-                       seed=validate.seed if request.seed is None else request.seed, image=image)
+    video = render(pipe, request.prompt, frames=size.frames, height=size.height, width=size.width,
+                   steps=request.steps or validate.num_inference_steps,
+                   guidance_scale=request_guidance(config, request),
+                   seed=validate.seed if request.seed is None else request.seed, image=image)
     if video.shape[0] != size.frames:
         log(f"note: the pipeline returned {video.shape[0]} frames for {size.frames} asked "
             "(CogVideoX 1.0 decodes exactly when (frames - 1) / 4 + 1 is odd, e.g. 9, 17, 25, 49)")

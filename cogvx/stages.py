@@ -123,7 +123,12 @@ def prepare(config: Config, prune: bool = False, log=print, metrics_dir: Path | 
 
 def train(config: Config, resume: str | None = None, log=print, on_step=None, metrics_dir: Path | None = None):
     """Fine-tune (resuming from ``resume``: 'latest' or a checkpoint folder); the TrainingReport
-    (on the processes of train.accelerate_config when it names one, ``on_step`` then unused)."""
+    (on the processes of train.accelerate_config when it names one, ``on_step`` then unused).
+    A train.preset or train.fp8_compute this device cannot run is refused first, before any load."""
+    if config.train.preset != "none" or config.train.fp8_compute:
+        from cogvx.training.presets import check_preset_for_device, training_device
+
+        check_preset_for_device(config, training_device())
     from cogvx.distributed import run_launched, should_launch
     from cogvx.reports import TrainingReport
     from cogvx.training.loop import train as run_training

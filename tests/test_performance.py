@@ -17,23 +17,25 @@ from cogvx.models.specs import get_spec
 from cogvx.models.lora import add_lora
 from cogvx.training.objective import rotary_embeddings
 from cogvx.models.performance import (
+    ATTENTION_OPS,
+    BackendAttnProcessor,
+    Fp8ComputeLinear,
     Fp8StorageLinear,
-    TransformerAttentionBackend,
-    attention_backend,
     compile_blocks,
     enable_checkpointing,
     quantize_fp8_compute,
+    set_attention_backend,
     store_base_weights_in_fp8,
 )
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
-def tiny_lora_model(seed: int = 0, checkpointing: bool = True, offload: bool = False):
+def tiny_lora_model(seed: int = 0, checkpointing: bool = True, offload: bool = False, keep_attention: bool = False):
     torch.manual_seed(seed)
     model = build_transformer(get_spec("tiny-t2v"))
     if checkpointing:
-        enable_checkpointing(model, offload=offload)
+        enable_checkpointing(model, offload=offload, keep_attention=keep_attention)
     add_lora(model, rank=4, alpha=4, target_modules=TARGETS)
     with torch.no_grad():  # non-zero B matrices, so every LoRA weight gets a gradient
         for name, param in model.named_parameters():
@@ -103,6 +105,56 @@ def test_fp8_storage_refuses_trainable_weights_and_full_fine_tuning():
         load_config(None, ["train.gradient_checkpointing=false", "train.activation_offload=true"])
 
 
+def test_fp8_compute_multiplies_the_quantized_inputs_and_weights():
+    """Fp8ComputeLinear = (x quantized per row) x (stored fp8 W) up to float32 rounding; its
+    input gradient is dL/dy times the upcast W; the model's LoRA gradients stay close to the
+    fp8-storage model's (the only new error is the inputs' e4m3 rounding)."""
+    from cogvx.models.performance import quantize_rows
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 48).requires_grad_(False)
+    storage = copy.deepcopy(layer)
+    store_base_weights_in_fp8(torch.nn.Sequential(layer), torch.float32, compute=False)
+    x = torch.randn(2, 5, 64, requires_grad=True)
+    fp8 = Fp8ComputeLinear.__new__(Fp8ComputeLinear)
+    fp8.__dict__ = dict(layer.__dict__)
+    y = fp8(x)
+    x_fp8, x_scale = quantize_rows(x.detach().reshape(-1, 64))
+    upcast = layer.weight.float() * layer.weight_scale
+    expected = (x_fp8.float() * x_scale) @ upcast.t() + layer.bias
+    torch.testing.assert_close(y.reshape(-1, 48), expected, rtol=1e-5, atol=1e-5)
+    assert relative_error(y, storage(x)) < 0.1
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, torch.ones(2, 5, 48) @ upcast)
+
+
+def test_fp8_compute_converts_only_the_block_linears_and_keeps_lora_gradients_close():
+    storage, compute = tiny_lora_model(), tiny_lora_model()
+    store_base_weights_in_fp8(storage, torch.float32)
+    store_base_weights_in_fp8(compute, torch.float32, compute=True)
+    layers = dict(compute.named_modules())
+    assert isinstance(layers["transformer_blocks.0.attn1.to_q.base_layer"], Fp8ComputeLinear)
+    assert type(layers["time_embedding.linear_1"]) is Fp8StorageLinear
+    expected, actual = lora_grads(storage), lora_grads(compute)
+    for name in expected:
+        assert 0 < relative_error(actual[name], expected[name]) < 0.1, name
+
+
+def test_keeping_attention_outputs_gives_the_same_gradients_as_plain_checkpointing():
+    plain = lora_grads(tiny_lora_model())
+    selective = lora_grads(tiny_lora_model(keep_attention=True))
+    assert plain.keys() == selective.keys() and len(plain) > 0
+    for name in plain:
+        torch.testing.assert_close(selective[name], plain[name], rtol=1e-5, atol=1e-7)
+    assert any("cpu" in str(op) or "flash" in str(op) for op in ATTENTION_OPS)
+    with pytest.raises(CogvxError, match="cannot be combined"):
+        tiny_lora_model(offload=True, keep_attention=True)
+    with pytest.raises(ConfigError, match="keep_attention_outputs"):
+        load_config(None, ["train.gradient_checkpointing=false", "train.keep_attention_outputs=true"])
+    with pytest.raises(ConfigError, match="fp8_compute"):
+        load_config(None, ["train.fp8_compute=true"])
+
+
 @pytest.mark.slow
 def test_activation_offload_gives_the_same_gradients_as_plain_checkpointing():
     plain = lora_grads(tiny_lora_model(offload=False))
@@ -129,22 +181,44 @@ def test_compiled_blocks_with_fp8_storage_and_checkpointing_match_eager():
 def test_attention_backend_restricts_only_the_transformer():
     model = tiny_lora_model().eval()
     latents, text = inputs()
+    cpu = torch.device("cpu")
     with torch.no_grad():
         expected = forward(model, latents, text)
-        with TransformerAttentionBackend(model, "math", torch.device("cpu")):
-            torch.testing.assert_close(forward(model, latents, text), expected, rtol=1e-4, atol=1e-5)
-        with TransformerAttentionBackend(model, "efficient", torch.device("cpu")):
-            with pytest.raises(RuntimeError, match="No (available kernel|viable backend)"):
-                forward(model, latents, text)  # no memory-efficient kernel on a CPU: the hook applied
-            q = torch.randn(1, 2, 5, 8)
-            torch.nn.functional.scaled_dot_product_attention(q, q, q)  # other modules: unrestricted
-        torch.testing.assert_close(forward(model, latents, text), expected)  # hooks removed
+        set_attention_backend(model, "math", cpu)
+        assert all(isinstance(p, BackendAttnProcessor) for p in model.attn_processors.values())
+        torch.testing.assert_close(forward(model, latents, text), expected, rtol=1e-4, atol=1e-5)
+        set_attention_backend(model, "efficient", cpu)
+        with pytest.raises(RuntimeError, match="No (available kernel|viable backend)"):
+            forward(model, latents, text)  # no memory-efficient kernel on a CPU: the processor applied it
+        q = torch.randn(1, 2, 5, 8)
+        torch.nn.functional.scaled_dot_product_attention(q, q, q)  # other modules: unrestricted
+        set_attention_backend(model, "auto", cpu)
+        torch.testing.assert_close(forward(model, latents, text), expected)  # diffusers' own processor back
+
+
+@pytest.mark.slow
+def test_attention_backend_holds_inside_compiled_blocks_and_the_backward_recompute():
+    """The restriction is traced into compiled blocks and applies to the checkpoint recompute:
+    with a kernel the CPU lacks, the compiled forward fails, and so does a backward whose
+    forward ran unrestricted but whose recompute is restricted."""
+    cpu = torch.device("cpu")
+    model = tiny_lora_model()
+    set_attention_backend(model, "efficient", cpu)
+    compile_blocks(model)
+    latents, text = inputs()
+    with pytest.raises(Exception, match="No (available kernel|viable backend)"):
+        forward(model, latents, text)
+    model = tiny_lora_model()
+    set_attention_backend(model, "math", cpu)
+    compile_blocks(model)
+    loss = forward(model, latents, text).pow(2).mean()
+    loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "lora_A" in n)
 
 
 def test_gpu_only_options_fail_with_a_message_on_cpu():
     with pytest.raises(CogvxError, match="cudnn needs a CUDA device"):
-        with attention_backend("cudnn", torch.device("cpu")):
-            pass
+        set_attention_backend(tiny_lora_model(), "cudnn", torch.device("cpu"))
     with pytest.raises(CogvxError, match="compute capability"):
         quantize_fp8_compute(tiny_lora_model(), torch.device("cpu"))
 

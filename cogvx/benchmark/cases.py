@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-Kind = Literal["train", "validate", "generate", "prepare"]
+Kind = Literal["train", "validate", "generate", "prepare", "quality"]
 
 LORA_64 = ("train.method=lora", "train.lora.rank=64", "train.lora.alpha=64")
 FAST = ("train.compile=blocks", "train.attention_backend=cudnn")
@@ -42,6 +42,7 @@ class Case:
     launch: str | None = None  # accelerate config file in configs/accelerate/
     processes: int = 1
     baseline: str | None = None  # case to compute scaling efficiency against
+    profile: bool = False  # train: one more step under torch.profiler (kernel names); generate: time by component
 
     @property
     def size_text(self) -> str:
@@ -106,7 +107,8 @@ SMOKE: tuple[Case, ...] = (
     Case("tiny-validate", "validate", "tiny-t2v", (9, 64, 96),
          ("validate.num_inference_steps=2", "train.attention_backend=flash"), steps=1, warmup=1),
     Case("tiny-generate", "generate", "tiny-t2v", (9, 64, 96),
-         ("validate.num_inference_steps=2", "train.attention_backend=flash"), steps=1, warmup=1),
+         ("validate.num_inference_steps=2", "train.attention_backend=flash"), steps=1, warmup=1, profile=True),
+    Case("tiny-quality", "quality", "tiny-t2v", (9, 64, 96), (), targets={"grad_rel_err_median": 0.1}, steps=20),
 )
 
 # Several GPUs (issue 10): DDP scaling of the fast LoRA step, sharded full fine-tuning, prepare.
@@ -129,7 +131,54 @@ ISSUE10: tuple[Case, ...] = (
          baseline="prepare-1gpu", steps=16, warmup=0, note="16 clips shared across GPUs"),
 )
 
-SUITES: dict[str, tuple[Case, ...]] = {"issue7": ISSUE7, "issue10": ISSUE10, "smoke": SMOKE}
+# Issue 17: every headline setting on a simulated 24 GB card (`bench run --memory-cap-gib 23`),
+# the named presets against the eager and the compiled reference step, kernels checked by name.
+SPEED = ("train.preset=speed",)
+BALANCED = ("train.preset=balanced",)
+LEAN = ("train.preset=lean",)
+VALIDATE_QUICK = ("validate.num_inference_steps=2", "validate.guidance_scale=6.0", "validate.offload=model")
+S81 = (81, 768, 1360)
+ISSUE17: tuple[Case, ...] = (
+    Case("5b-speed", "train", "cogvideox-5b", S49, LORA_64 + SPEED, "5b", targets={"time_ratio": 0.6},
+         steps=4, warmup=2, profile=True, note="preset speed: fp8 storage + fp8 GEMMs, compiled, cuDNN, attention kept"),
+    Case("5b-balanced", "train", "cogvideox-5b", S49, LORA_64 + BALANCED, "5b", steps=4, warmup=2, profile=True),
+    Case("5b-lean", "train", "cogvideox-5b", S49, LORA_64 + LEAN, "5b", targets={"time_ratio": 0.75, "mem_ratio": 0.55},
+         steps=4, warmup=2),
+    Case("5b-flash", "train", "cogvideox-5b", (9, 240, 368), LORA_64 + BALANCED + ("train.attention_backend=flash",),
+         steps=1, warmup=1, profile=True, note="kernel check: FlashAttention-2 asked, under compile, small clip"),
+    Case("5b-flash-eager", "train", "cogvideox-5b", (9, 240, 368), LORA_64 + ("train.attention_backend=flash",),
+         steps=1, warmup=1, profile=True, note="kernel check: FlashAttention-2 asked, eager, small clip"),
+    Case("2b-speed", "train", "cogvideox-2b", S49, LORA_64 + SPEED, "2b", targets={"time_ratio": 0.6},
+         steps=4, warmup=2),
+    Case("5b-full", "train", "cogvideox-5b", S49, ("train.method=full", "train.preset=balanced"), "5b",
+         targets={"peak_reserved_gib": 20.0, "s_per_step_median": 3.8}, steps=3, warmup=2,
+         note="full fine-tune: CPU-offload AdamW (fused), gradients streamed to the CPU, compiled blocks"),
+    Case("fp8-quality", "quality", "cogvideox-5b", (9, 240, 368), (), None, steps=240,
+         targets={"grad_rel_err_median": 0.1, "loss_curve_rel_diff": 0.05},
+         note="LoRA gradients fp8 GEMMs vs bf16 on the 5b architecture; 240-step tiny loss curves"),
+    Case("2b-lora-validation", "validate", "cogvideox-2b", S49, LORA_64 + SPEED + VALIDATE_QUICK, None,
+         targets={"peak_reserved_gib": 23.0}, steps=2, warmup=1),
+    Case("5b-lora-validation", "validate", "cogvideox-5b", S49, LORA_64 + SPEED + VALIDATE_QUICK, None,
+         targets={"peak_reserved_gib": 23.0}, steps=2, warmup=1),
+    Case("5b-i2v-lora-validation", "validate", "cogvideox-5b-i2v", S49, LORA_64 + SPEED + VALIDATE_QUICK, None,
+         targets={"peak_reserved_gib": 23.0}, steps=2, warmup=1),
+    Case("1.5-5b-lora-validation", "validate", "cogvideox1.5-5b", S81, LORA_64 + LEAN + VALIDATE_QUICK, None,
+         targets={"peak_reserved_gib": 23.0}, steps=2, warmup=1, note="81x768x1360, preset lean"),
+    Case("1.5-5b-i2v-lora-validation", "validate", "cogvideox1.5-5b-i2v", S81, LORA_64 + LEAN + VALIDATE_QUICK, None,
+         targets={"peak_reserved_gib": 23.0}, steps=2, warmup=1, note="81x768x1360, preset lean"),
+    Case("5b-generate", "generate", "cogvideox-5b", S49,
+         VALIDATION_50 + ("validate.compile=true", "validate.offload=model", "train.attention_backend=cudnn"),
+         targets={"seconds": 65.0, "peak_reserved_gib": 23.0}, steps=1, warmup=1, profile=True,
+         note="49 frames, 50 steps, CFG 6, compiled bf16; time by component"),
+    Case("5b-generate-fp8", "generate", "cogvideox-5b", S49,
+         VALIDATION_50 + ("validate.compile=true", "validate.fp8_compute=true", "validate.offload=model",
+                          "train.attention_backend=cudnn"),
+         targets={"seconds": 60.0, "peak_reserved_gib": 23.0}, steps=1, warmup=1, profile=True),
+)
+
+SUITES: dict[str, tuple[Case, ...]] = {"issue7": ISSUE7, "issue10": ISSUE10, "issue17": ISSUE17, "smoke": SMOKE}
+# Reference variants run besides the eager anchor step (anchor_lora_step.py --variant ...), by model.
+REFERENCE_VARIANTS: dict[str, dict[str, tuple[str, ...]]] = {"issue17": {"5b": ("compile",)}}
 
 
 def check_runnable(cases: list[Case], cuda_available: bool) -> None:

@@ -49,6 +49,8 @@ def _speed(result: dict[str, Any]) -> str:
         return f"{_fmt(result.get('s_per_step_median'))} s/step, render {_fmt(result.get('validation_s'), 0)} s"
     if result["kind"] == "generate":
         return f"{_fmt(result.get('seconds'), 1)} s / video"
+    if result["kind"] == "quality":
+        return f"LoRA grad error {_fmt(result.get('grad_rel_err_median'), 3)}, loss curves {_fmt(result.get('loss_curve_rel_diff'), 3)}"
     if result["kind"] == "prepare":
         return f"{_fmt(result.get('clips_per_s'))} clips/s"
     return f"{_fmt(result.get('s_per_step_median'))} s/step"

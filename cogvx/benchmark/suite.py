@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from cogvx.benchmark.cases import Case
+from cogvx.benchmark.cases import REFERENCE_VARIANTS, Case
+from cogvx.benchmark.worker import MEMORY_CAP_ENV
 from cogvx.io import atomic_write_text
 
 RESULT_PREFIX = "RESULT "
@@ -29,15 +30,18 @@ def last_result_line(output: str) -> dict[str, Any] | None:
     return None
 
 
-def _run_json(command: list[str], timeout: float) -> dict[str, Any]:
-    """Run a measuring process; its RESULT, or an error record with the output's tail."""
+def _run_json(command: list[str], timeout: float, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run a measuring process; its RESULT (also a failure's, e.g. out of memory under the
+    cap), or an error record with the output's tail."""
     started = time.perf_counter()
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
-                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                              env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s"}
     result = last_result_line(done.stdout)
+    if result is not None and "error" in result:
+        return result
     if done.returncode != 0 or result is None:
         lines = (done.stdout + done.stderr).strip().splitlines()
         errors = [line for line in lines if "Error" in line or "error:" in line][-8:]
@@ -46,11 +50,14 @@ def _run_json(command: list[str], timeout: float) -> dict[str, Any]:
     return result
 
 
-def run_reference(anchor: Path, model: str, steps: int, warmup: int, timeout: float) -> dict[str, Any]:
-    """The reference LoRA step (rank 64, 49x480x720, batch 1) for ``model`` ("2b"/"5b")."""
+def run_reference(anchor: Path, model: str, steps: int, warmup: int, timeout: float,
+                  variant: str | None = None) -> dict[str, Any]:
+    """The reference LoRA step (rank 64, 49x480x720, batch 1) for ``model`` ("2b"/"5b"), eager
+    or as ``variant`` (e.g. "compile": the reference with per-block torch.compile). Never
+    capped: it is what every case is compared with."""
     command = [sys.executable, str(anchor), "--model", model, "--rank", "64", "--steps", str(steps),
-               "--warmup", str(warmup)]
-    return {"anchor": str(anchor.name), **_run_json(command, timeout)}
+               "--warmup", str(warmup), *(["--variant", variant] if variant else [])]
+    return {"anchor": str(anchor.name), **_run_json(command, timeout, {MEMORY_CAP_ENV: ""})}
 
 
 def worker_command(case: Case, suite: str, workdir: Path, clips: Path | None, processes: int) -> list[str]:
@@ -66,12 +73,13 @@ def worker_command(case: Case, suite: str, workdir: Path, clips: Path | None, pr
 
 
 def run_worker(case: Case, suite: str, workdir: Path, clips: Path | None, timeout: float,
-               processes: int | None = None) -> dict[str, Any]:
+               processes: int | None = None, memory_cap_gib: float | None = None) -> dict[str, Any]:
     processes = processes or case.processes
     command = worker_command(case, suite, workdir, clips, processes)
+    env = {MEMORY_CAP_ENV: str(memory_cap_gib) if memory_cap_gib else ""}
     return {"case": case.name, "kind": case.kind, "variant": case.variant, "size": case.size_text,
             "overrides": list(case.overrides), "launch": case.launch, "processes": processes,
-            **_run_json(command, timeout)}
+            **({"memory_cap_gib": memory_cap_gib} if memory_cap_gib else {}), **_run_json(command, timeout, env)}
 
 
 def add_scaling(result: dict[str, Any], case: Case, done: list[dict[str, Any]]) -> None:
@@ -86,13 +94,16 @@ def add_scaling(result: dict[str, Any], case: Case, done: list[dict[str, Any]]) 
         result["scaling_efficiency"] = round(result[key] / ideal, 3)
 
 
-def compare(result: dict[str, Any], case: Case, reference: dict[str, Any] | None) -> dict[str, Any]:
+def compare(result: dict[str, Any], case: Case, reference: dict[str, Any] | None,
+            compiled: dict[str, Any] | None = None) -> dict[str, Any]:
     """Ratios against the reference step and whether each target of the case is met."""
     if "error" in result:
         return result
     if reference and "error" not in reference and "s_per_step_median" in result:
         result["time_ratio"] = round(result["s_per_step_median"] / reference["s_per_step_median"], 3)
         result["mem_ratio"] = round(result["peak_allocated_gib"] / reference["peak_gb"], 3)
+    if compiled and "error" not in compiled and "s_per_step_median" in result:
+        result["time_ratio_vs_compiled_reference"] = round(result["s_per_step_median"] / compiled["s_per_step_median"], 3)
     met = {}
     for key, bound in case.targets.items():
         value = result.get("peak_allocated_gib" if key == "peak_gib" else key)
@@ -103,30 +114,57 @@ def compare(result: dict[str, Any], case: Case, reference: dict[str, Any] | None
     return result
 
 
+def run_references(cases: list[Case], suite: str, anchor: Path | None, timeout: float, report: dict[str, Any],
+                   out: Path, log: Callable[[str], None]) -> None:
+    """The reference step once per model that cases compare with (and per reference variant
+    of the suite, keyed "<model>-<variant>")."""
+    for model in sorted({case.reference for case in cases if case.reference}):
+        warmup = max(2, next(c.warmup for c in cases if c.reference == model))
+        for variant in (None, *REFERENCE_VARIANTS.get(suite, {}).get(model, ())):
+            key = f"{model}-{variant}" if variant else model
+            if anchor is None or not anchor.is_file():
+                report["references"][key] = {"error": f"no reference script at {anchor}; pass --reference"}
+                continue
+            log(f"reference step {key} ...")
+            report["references"][key] = run_reference(anchor, model, steps=5, warmup=warmup, timeout=timeout,
+                                                      variant=variant)
+            _save(out, report)
+
+
 def run_suite(cases: list[Case], suite: str, out: Path, workdir: Path, anchor: Path | None,
               clips: Path | None = None, commit: str | None = None, timeout: float = 900,
-              log: Callable[[str], None] = print, processes: int | None = None) -> dict[str, Any]:
-    """Run the reference step once per model that cases compare with, then every case
-    (``processes`` replaces the process count of launch cases)."""
+              log: Callable[[str], None] = print, processes: int | None = None,
+              memory_cap_gib: float | None = None) -> dict[str, Any]:
+    """Run the reference steps, then every case (``processes`` replaces the process count of
+    launch cases; ``memory_cap_gib`` caps each case's CUDA allocator: a simulated smaller card)."""
     report: dict[str, Any] = {"suite": suite, "commit": commit or git_commit(), "python": platform.python_version(),
-                              "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "references": {}, "cases": []}
-    for model in sorted({case.reference for case in cases if case.reference}):
-        if anchor is None or not anchor.is_file():
-            report["references"][model] = {"error": f"no reference script at {anchor}; pass --reference"}
-            continue
-        warmup = next(c.warmup for c in cases if c.reference == model)
-        log(f"reference step {model} ...")
-        report["references"][model] = run_reference(anchor, model, steps=5, warmup=warmup, timeout=timeout)
-        _save(out, report)
+                              "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "memory_cap_gib": memory_cap_gib,
+                              "references": {}, "cases": []}
+    run_references(cases, suite, anchor, timeout, report, out, log)
     for case in cases:
         log(f"case {case.name} ...")
-        result = run_worker(case, suite, workdir, clips, timeout, processes if case.launch else None)
+        result = run_worker(case, suite, workdir, clips, timeout, processes if case.launch else None, memory_cap_gib)
         add_scaling(result, case, report["cases"])
-        report["cases"].append(compare(result, case, report["references"].get(case.reference)))
+        references = report["references"]
+        report["cases"].append(compare(result, case, references.get(case.reference),
+                                       references.get(f"{case.reference}-compile")))
         _save(out, report)
+        log(f"  {summary_line(report['cases'][-1])}")
     report["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     _save(out, report)
     return report
+
+
+def summary_line(result: dict[str, Any]) -> str:
+    """One line per finished case for the console (the table comes at the end)."""
+    if "error" in result:
+        return f"{result['case']}: FAILED ({result['error']})"
+    figures = [f"{key}={result[key]}" for key in ("s_per_step_median", "seconds", "clips_per_s", "peak_allocated_gib",
+                                                  "peak_reserved_gib", "time_ratio", "mem_ratio",
+                                                  "time_ratio_vs_compiled_reference", "grad_rel_err_median",
+                                                  "loss_curve_rel_diff") if key in result]
+    missed = [key for key, ok in (result.get("targets_met") or {}).items() if not ok]
+    return f"{result['case']}: {' '.join(figures)}" + (f" MISSED {','.join(missed)}" if missed else "")
 
 
 def _save(out: Path, report: dict[str, Any]) -> None:

@@ -108,11 +108,17 @@ def run_train(case: Case, workdir: Path, device: torch.device) -> dict[str, Any]
     weights = torch.cuda.memory_allocated(device) / GIB if device.type == "cuda" else 0.0
     meter.start("train")
     seconds, losses = timed_steps(run, batches, case.warmup + case.steps)
+    if case.profile and device.type == "cuda":
+        from cogvx.benchmark.profiling import profile_kernels
+
+        profile = profile_kernels(lambda: timed_steps(run, batches, 1))
     meter.stop("train")
     if not all(math.isfinite(loss) for loss in losses):
         raise CogvxError(f"{case.name}: non-finite loss {losses}")
     result = {"weights_gib": round(weights, 3), "loss": losses[-1], "phases": meter.phases,
               **_step_figures(seconds, case.warmup, config.train.batch_size * run.accelerator.num_processes)}
+    if case.profile and device.type == "cuda":
+        result["profile"] = profile
     if case.kind == "validate":
         result |= _validate_then_step(run, batches, meter, workdir)
     phases = meter.phases.values()
@@ -172,16 +178,25 @@ def run_generate(case: Case, workdir: Path, device: torch.device) -> dict[str, A
     started = time.perf_counter()
     render_request(pipe, config, GenerateRequest(prompt=BENCH_CAPTION, out=request.out, steps=2), device)
     warmup_s = time.perf_counter() - started
+    from contextlib import nullcontext
+
+    from cogvx.benchmark.profiling import RenderPhases
+
     meter = MemoryMeter(device)
     meter.start("generate")
-    started = time.perf_counter()
-    video = render_request(pipe, config, request, device)
-    seconds = time.perf_counter() - started
+    # With profile, each component call is bracketed by a synchronization (one per step: noise).
+    with RenderPhases(pipe, device) if case.profile else nullcontext() as phases:
+        started = time.perf_counter()
+        video = render_request(pipe, config, request, device)
+        seconds = time.perf_counter() - started
     meter.stop("generate")
     phase = meter.phases["generate"]
-    return {"seconds": round(seconds, 2), "warmup_render_s": round(warmup_s, 2), "frames": int(video.shape[0]),
-            "steps": config.validate_.num_inference_steps, "peak_allocated_gib": phase["peak_allocated_gib"],
-            "peak_reserved_gib": phase["peak_reserved_gib"], "phases": meter.phases}
+    result = {"seconds": round(seconds, 2), "warmup_render_s": round(warmup_s, 2), "frames": int(video.shape[0]),
+              "steps": config.validate_.num_inference_steps, "peak_allocated_gib": phase["peak_allocated_gib"],
+              "peak_reserved_gib": phase["peak_reserved_gib"], "phases": meter.phases}
+    if phases is not None:
+        result["render_phases"] = phases.summary(seconds)
+    return result
 
 
 def run_prepare_case(case: Case, workdir: Path, device: torch.device, clips: Path | None) -> dict[str, Any]:
@@ -223,17 +238,42 @@ def case_device() -> torch.device:
     return pick_device()
 
 
+MEMORY_CAP_ENV = "COGVX_BENCH_MEMORY_CAP_GIB"
+
+
+def apply_memory_cap(device: torch.device) -> float | None:
+    """A simulated smaller card: cap this process's CUDA caching allocator at the GiB that
+    ``COGVX_BENCH_MEMORY_CAP_GIB`` names (set by `bench run --memory-cap-gib`), before any
+    allocation; the CUDA context a real card also holds stays outside the cap."""
+    import os
+
+    cap = os.environ.get(MEMORY_CAP_ENV)
+    if not cap or device.type != "cuda":
+        return None
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, float(cap) * GIB / total), device)
+    return float(cap)
+
+
 def run_case(case: Case, workdir: Path, clips: Path | None = None) -> dict[str, Any]:
     """Measure one case in this process; the result dict the suite collects."""
     device = case_device()
+    cap = apply_memory_cap(device)
     workdir = Path(workdir)
     started = time.perf_counter()
     if case.kind in ("train", "validate"):
         result = run_train(case, workdir, device)
     elif case.kind == "generate":
         result = run_generate(case, workdir, device)
+    elif case.kind == "quality":
+        from cogvx.benchmark.quality import run_quality
+
+        result = run_quality(case, workdir, device)
     else:
         result = run_prepare_case(case, workdir, device, clips)
+    if cap is not None:
+        result["memory_cap_gib"] = cap
+        result["fits_memory_cap"] = result.get("peak_reserved_gib", 0.0) <= cap
     return {"case": case.name, "kind": case.kind, "variant": case.variant, "size": case.size_text,
             "overrides": list(case.overrides), "note": case.note, **device_facts(device), **result,
             "wall_s": round(time.perf_counter() - started, 1)}

@@ -20,8 +20,9 @@ from cogvx.config import Config
 from cogvx.training.collective import main_process_then_meet
 
 # Settings that change neither the weights a step produces nor the data order.
+# preset is among them: what it changes is in the resolved fields it sets, fingerprinted themselves.
 NEUTRAL_TRAIN_KEYS = ("output_dir", "checkpointing_steps", "checkpoints_total_limit", "accelerate_config",
-                      "process_group_timeout_minutes")
+                      "process_group_timeout_minutes", "preset")
 
 
 @dataclass

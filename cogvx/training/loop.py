@@ -35,6 +35,7 @@ from cogvx.training.collective import main_process_then_meet, mean_across_proces
 from cogvx.training.inputs import model_inputs
 from cogvx.training.memory import MemoryMeter, step_timing
 from cogvx.training.objective import SampleRandom, diffusion_loss, rotary_embeddings
+from cogvx.training.optim import clip_streamed_gradients
 from cogvx.training.outputs import build_report, global_batch, save_final, write_metrics
 from cogvx.training.setup import Run, setup
 
@@ -114,18 +115,17 @@ def micro_step(run: Run, position: int, first_row: int, batch: dict[str, Any], s
 
 def optimizer_step(run: Run, batches: Iterator, scaling: float) -> tuple[float, float]:
     """One optimizer step over gradient_accumulation_steps micro-batches: (mean loss, grad norm)."""
-    from cogvx.models.performance import attention_backend
-
     accumulation = run.config.train.gradient_accumulation_steps
     loss = 0.0
-    with attention_backend(run.config.train.attention_backend, run.accelerator.device):
-        for _ in range(accumulation):
-            run.state.micro_batches, first_row, batch = next(batches)
-            # Gradients are synchronised across processes on the cycle's last micro-batch only.
-            with run.accelerator.accumulate(run.transformer):
-                loss += micro_step(run, run.state.micro_batches, first_row, batch, scaling) / accumulation
+    for _ in range(accumulation):
+        run.state.micro_batches, first_row, batch = next(batches)
+        # Gradients are synchronised across processes on the cycle's last micro-batch only.
+        with run.accelerator.accumulate(run.transformer):
+            loss += micro_step(run, run.state.micro_batches, first_row, batch, scaling) / accumulation
     loss = mean_across_processes(run.accelerator, loss)
-    norm = run.accelerator.clip_grad_norm_(run.transformer.parameters(), run.config.train.max_grad_norm)
+    norm = clip_streamed_gradients(run.optimizer, run.config.train.max_grad_norm)
+    if norm is None:
+        norm = run.accelerator.clip_grad_norm_(run.transformer.parameters(), run.config.train.max_grad_norm)
     grad_norm = float(norm) if norm is not None else float("nan")  # DeepSpeed clips inside its engine
     lr = run.lr_scheduler.get_last_lr()[0]
     run.optimizer.step()

@@ -29,6 +29,58 @@ def build_optimizer(params: list[torch.nn.Parameter], config: Config, device: to
     if device.type != "cuda":
         raise CogvxError("train.optimizer = cpu_offload_adamw (torchao CPUOffloadOptimizer) needs a CUDA "
                          "device; on a CPU use adamw")
+    return streamed_offload_adamw(params, kwargs)
+
+
+class StreamedGradientNorm:
+    """The squared global gradient norm, summed on the GPU as each gradient is made.
+
+    The CPU-offload optimizer copies every gradient to the CPU the moment the backward pass
+    finishes it and frees the GPU copy, so clipping the GPU gradients afterwards sees none
+    (and would not reach the CPU copies the step uses). These hooks run before the
+    optimizer's own, one small reduction per parameter."""
+
+    def __init__(self, params: list[torch.nn.Parameter]) -> None:
+        self.squared: torch.Tensor | None = None
+        for param in params:
+            param.register_post_accumulate_grad_hook(self._add)
+
+    def _add(self, param: torch.nn.Parameter) -> None:
+        if param.grad is not None:
+            term = param.grad.detach().float().pow(2).sum()
+            self.squared = term if self.squared is None else self.squared + term
+
+    def take(self) -> float:
+        """The norm since the last take (0.0 when no gradient was made)."""
+        squared, self.squared = self.squared, None
+        return 0.0 if squared is None else float(squared.sqrt())
+
+
+def streamed_offload_adamw(params: list[torch.nn.Parameter], kwargs: dict):
+    """torchao's CPUOffloadOptimizer with fused CPU AdamW and gradients streamed to the CPU
+    (none kept on the GPU), its gradient norm tracked by StreamedGradientNorm (attribute
+    ``streamed_norm``) so that clip_streamed_gradients can clip what the CPU step uses."""
     from torchao.optim import CPUOffloadOptimizer
 
-    return CPUOffloadOptimizer(params, torch.optim.AdamW, **kwargs)
+    norm = StreamedGradientNorm(params)  # registered first: its hooks see the GPU gradients
+    optimizer = CPUOffloadOptimizer(params, torch.optim.AdamW, offload_gradients=True, fused=True, **kwargs)
+    optimizer.streamed_norm = norm
+    return optimizer
+
+
+def clip_streamed_gradients(optimizer, max_norm: float) -> float | None:
+    """Clip a streamed-gradient optimizer's CPU gradients (and its small on-GPU ones) to
+    ``max_norm``; the global norm before clipping. None for any other optimizer."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
+    norm_source = getattr(inner, "streamed_norm", None)
+    if norm_source is None:
+        return None
+    norm = norm_source.take()
+    scale = max_norm / (norm + 1e-6)
+    if scale < 1.0:
+        for event in inner.queue.values():
+            event.synchronize()  # the gradient's copy to the CPU is complete
+        grads = [p.grad for group in inner.param_groups for p in group["params"] if p.grad is not None]
+        for device in {grad.device for grad in grads}:
+            torch._foreach_mul_([grad for grad in grads if grad.device == device], scale)
+    return norm

@@ -71,17 +71,25 @@ class Run:
         return params_sharded(self.accelerator)
 
 
-def configure_transformer(transformer, config: Config, dtype: torch.dtype, buckets) -> None:
-    """Everything the config does to the transformer before training: checkpointing, learned
-    positions, LoRA or full training, fp8 storage, regional compile (in this order: fp8 must
-    see the LoRA base layers, compile must see the final modules)."""
+def configure_transformer(transformer, config: Config, dtype: torch.dtype, buckets, device: torch.device) -> None:
+    """Everything the config does to the transformer before training: attention kernel,
+    checkpointing, learned positions, LoRA or full training, fp8 storage, regional compile (in
+    this order: fp8 must see the LoRA base layers, compile must see the final modules)."""
     from cogvx.models.lora import add_lora
-    from cogvx.models.performance import compile_blocks, enable_checkpointing, store_base_weights_in_fp8
+    from cogvx.models.performance import (
+        compile_blocks,
+        enable_checkpointing,
+        set_attention_backend,
+        store_base_weights_in_fp8,
+    )
     from cogvx.models.positions import check_learned_positions, ignore_learned_positions
 
     train, lora = config.train, config.train.lora
+    set_attention_backend(transformer, train.attention_backend, device)
+    compiled = False
     if train.gradient_checkpointing:
-        enable_checkpointing(transformer, offload=train.activation_offload)
+        compiled = enable_checkpointing(transformer, offload=train.activation_offload,
+                                        keep_attention=train.keep_attention_outputs, compiled=train.compile == "blocks", device=device)
     if train.ignore_learned_positional_embeddings:
         ignore_learned_positions(transformer)
     check_learned_positions(transformer, buckets)
@@ -91,8 +99,8 @@ def configure_transformer(transformer, config: Config, dtype: torch.dtype, bucke
     else:
         transformer.requires_grad_(True)
     if train.fp8_base_weights:
-        store_base_weights_in_fp8(transformer, dtype)
-    if train.compile == "blocks":
+        store_base_weights_in_fp8(transformer, dtype, compute=train.fp8_compute)
+    if train.compile == "blocks" and not compiled:
         compile_blocks(transformer)
 
 
@@ -118,7 +126,7 @@ def setup(config: Config, transformer=None, dataset=None) -> Run:
     folder = resolve_source(config.model_source, config.model.revision, config.model.cache_dir, spec)
     if transformer is None:
         transformer = load_transformer(str(folder), spec, dtype=dtype)
-    configure_transformer(transformer, config, dtype, dataset.buckets)
+    configure_transformer(transformer, config, dtype, dataset.buckets, device)
     optimizer = build_optimizer([p for p in transformer.parameters() if p.requires_grad], config, device)
     # Global batches: batch_size rows for each process (see the module docstring).
     sampler = dataset.batch_sampler(config.train.batch_size * accelerator.num_processes, seed=config.train.seed)

@@ -17,11 +17,13 @@ def render_validation(config: Config, folder: Path, transformer, step: int, out_
     blocks included) from the base model's other parts. On a GPU, validate.offload decides what
     stays on the device (model: one component at a time, so validation adds one component's
     memory to training's); the hooks are removed and the transformer put back afterwards.
+    validate.cache (diffusers' caching hooks) goes on before the offload hooks and comes off
+    after them, in a finally, so training gets its transformer back without a hook.
     ``writer(frames, path, fps)`` replaces the mp4 writer (benchmarks on machines without ffmpeg).
     """
-    from cogvx.inference import prepare_for_device, render, render_settings, write_video
+    from cogvx.inference import (apply_render_cache, prepare_for_device, remove_render_cache, render,
+                                 render_settings, write_video)
     from cogvx.models.loader import load_pipeline
-    from cogvx.models.performance import TransformerAttentionBackend
 
     spec, writer = config.spec, writer or write_video
     pipe = load_pipeline(str(folder), spec, dtype=dtype, skip=("transformer",))
@@ -29,20 +31,21 @@ def render_validation(config: Config, folder: Path, transformer, step: int, out_
     was_training = transformer.training
     transformer.eval()
     validate = config.validate_
-    prepare_for_device(pipe, device, validate.offload, validate.vae_tiling)
     size = render_settings(config)
     written = []
     try:
+        apply_render_cache(transformer, config, lambda: pipe.current_timestep, validate.guidance_scale)
+        prepare_for_device(pipe, device, validate.offload, validate.vae_tiling)
         for index, prompt in enumerate(validate.prompts):
-            with TransformerAttentionBackend(transformer, config.train.attention_backend, device):
-                video = render(pipe, prompt, frames=size.frames, height=size.height, width=size.width,
-                               steps=validate.num_inference_steps, guidance_scale=validate.guidance_scale,
-                               seed=validate.seed + index)
+            video = render(pipe, prompt, frames=size.frames, height=size.height, width=size.width,
+                           steps=validate.num_inference_steps, guidance_scale=validate.guidance_scale,
+                           seed=validate.seed + index)
             written.append(writer(video, out_dir / "validation" / f"step-{step:06d}" / f"prompt-{index:02d}.mp4",
                                   size.fps))
     finally:
         if device.type == "cuda" and validate.offload != "none":
             pipe.remove_all_hooks()
             transformer.to(device)
+        remove_render_cache(transformer)
         transformer.train(was_training)
     return written
