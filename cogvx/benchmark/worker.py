@@ -250,8 +250,9 @@ def apply_memory_cap(device: torch.device) -> float | None:
     cap = os.environ.get(MEMORY_CAP_ENV)
     if not cap or device.type != "cuda":
         return None
-    total = torch.cuda.get_device_properties(device).total_memory
-    torch.cuda.set_per_process_memory_fraction(min(1.0, float(cap) * GIB / total), device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(index).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, float(cap) * GIB / total), index)
     return float(cap)
 
 
