@@ -49,16 +49,20 @@ def summarize_kernels(kernels: list[tuple[str, float]], top: int = 6) -> dict[st
 
 
 def profile_kernels(work: Callable[[], Any]) -> dict[str, Any]:
-    """Run ``work`` once under torch.profiler (CUDA activity) and summarize its kernels."""
+    """Run ``work`` once under torch.profiler (CUDA activity where there is a GPU) and
+    summarize its kernels (none on a CPU-only machine)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        work()
+    cuda = torch.cuda.is_available()
+    if cuda:
         torch.cuda.synchronize()
-    kernels = [(event.name, event.device_time_total / 1e6) for event in prof.key_averages()
-               if event.device_time_total > 0 and not event.name.startswith(("aten::", "cuda", "Memcpy", "Memset"))]
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        work()
+        if cuda:
+            torch.cuda.synchronize()
+    kernels = [(event.key, event.device_time_total / 1e6) for event in prof.key_averages()
+               if event.device_time_total > 0 and not event.key.startswith(("aten::", "cuda", "Memcpy", "Memset"))]
     return summarize_kernels(kernels)
 
 

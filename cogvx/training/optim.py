@@ -76,11 +76,14 @@ def clip_streamed_gradients(optimizer, max_norm: float) -> float | None:
     if norm_source is None:
         return None
     norm = norm_source.take()
-    scale = max_norm / (norm + 1e-6)
-    if scale < 1.0:
-        for event in inner.queue.values():
-            event.synchronize()  # the gradient's copy to the CPU is complete
-        grads = [p.grad for group in inner.param_groups for p in group["params"] if p.grad is not None]
-        for device in {grad.device for grad in grads}:
-            torch._foreach_mul_([grad for grad in grads if grad.device == device], scale)
+    scale = min(1.0, max_norm / (norm + 1e-6))
+    # The CPU steps are fused AdamW: they divide each gradient by grad_scale inside the step
+    # kernel (the hook GradScaler uses), so clipping costs no extra pass over the CPU copies.
+    for cpu_optimizer in inner.optim_dict.values():
+        cpu_optimizer.grad_scale = torch.tensor(1.0 / scale) if scale < 1.0 else None
+        cpu_optimizer.found_inf = torch.tensor(0.0) if scale < 1.0 else None
+    if scale < 1.0 and inner.d_opt is not None:  # the small parameters kept on the GPU
+        grads = [p.grad for group in inner.d_opt.param_groups for p in group["params"] if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, scale)
     return norm
