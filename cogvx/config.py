@@ -177,10 +177,13 @@ class TrainConfig(Section):
     caption_dropout: float = Field(0.0, ge=0.0, le=1.0, description="Probability of training a sample with the empty caption (helps classifier-free guidance).")
     image_dropout: float = Field(0.05, ge=0.0, le=1.0, description="Image-to-video: probability of zeroing a sample's first-frame latents.")
     ignore_learned_positional_embeddings: bool = Field(False, description="Image-to-video 5b: ignore the learned positional embeddings fixed to 480x720, to train (and generate) at other sizes.")
+    preset: Literal["none", "speed", "balanced", "lean"] = Field("none", description="Named memory/speed settings (GPU). LoRA: balanced = fp8_base_weights, compile blocks, cudnn attention; speed = balanced + fp8_compute + keep_attention_outputs (fastest, ~4.6 GiB more at 5b); lean = balanced + fp8_compute + activation_offload (least memory). Full fine-tuning: speed/balanced = optimizer cpu_offload_adamw, compile blocks, cudnn attention; lean adds activation_offload. The preset sets each of its fields still at the field's default; a field set to a non-default value keeps it (preset speed + attention_backend flash trains with flash). Training refuses a preset that cannot run on the GPU (CPU, fp8 below compute capability 8.9, estimated memory above the GPU's); `cogvx doctor` suggests one.")
     fp8_base_weights: bool = Field(False, description="LoRA: store the frozen base weights in fp8 (e4m3, one scale per output row) and upcast each layer to bf16 as it runs; halves their memory. LoRA layers, norms and embeddings stay in bf16.")
     compile: Literal["none", "blocks"] = Field("none", description="torch.compile each transformer block (regional: one block graph, compiled once, reused 30-42 times); the first step compiles (about a minute at real size), every later one is faster. Works with fp8_base_weights and gradient_checkpointing.")
     attention_backend: Literal["auto", "cudnn", "flash", "efficient", "math"] = Field("auto", description="Scaled-dot-product attention kernel: auto lets torch pick; cudnn is fastest on H100/H200; flash and efficient are the FlashAttention-2 and memory-efficient kernels; math is the slow reference.")
-    activation_offload: bool = Field(False, description="Keep the checkpointed block inputs in pinned CPU memory instead of on the GPU (needs gradient_checkpointing); saves about 4 GiB at 5b 49x480x720 and 12 GiB at 1.5 81x768x1360, costs PCIe copies.")
+    activation_offload: bool = Field(False, description="Keep the checkpointed block inputs in pinned CPU memory instead of on the GPU (needs gradient_checkpointing); saves about 4 GiB at 5b 49x480x720 and 12 GiB at 1.5 81x768x1360; the copies run on a side stream, overlapped with compute.")
+    fp8_compute: bool = Field(False, description="LoRA on a GPU of compute capability >= 8.9 (Ada, Hopper): the frozen base linears (stored in fp8, so it needs fp8_base_weights) multiply in fp8 with per-row scales (torch._scaled_mm) in the forward pass and its recompute; the backward stays in bf16. Faster GEMMs, a slight change in gradients (see the README's quality check).")
+    keep_attention_outputs: bool = Field(False, description="Selective checkpointing (needs gradient_checkpointing): keep each block's attention output and logsumexp instead of recomputing attention in the backward pass; at 5b 49x480x720 about 4.6 GiB more for ~0.4 s less per step.")
     accelerate_config: Path | None = Field(None, description="Train on several processes (GPUs): an accelerate config file (e.g. configs/accelerate/ddp-2gpu.yaml) to run `cogvx train` under accelerate launch with; null runs it in this one process. train.batch_size is then per process.")
     process_group_timeout_minutes: int = Field(60, ge=1, description="Several processes: how long one waits for the others (e.g. while the main process renders validation clips) before the run fails.")
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapter settings (train.method = lora).")
@@ -202,6 +205,8 @@ class ValidateConfig(Section):
     vae_tiling: bool = Field(True, description="Decode in spatial tiles (GPU): a few GiB instead of tens at 480x720 and up, same output up to tile blending.")
     compile: bool = Field(False, description="torch.compile the transformer blocks for rendering (cogvx generate; in training, train.compile decides); pays off from about 20 denoising steps.")
     fp8_compute: bool = Field(False, description="cogvx generate on a GPU of compute capability >= 8.9 (Ada, Hopper): fp8 weights and activations with per-row scales (torchao) in the transformer's linear layers, a LoRA fused first; faster matmuls and half the transformer's memory, a slight change in output.")
+    cache: Literal["none", "first_block", "pyramid_broadcast", "faster"] = Field("none", description="Opt-in: diffusers' transformer caching for renders (in-training validation and cogvx generate), removed after each render so training is unchanged; faster renders at some change in output, the measured speedup is in the README. first_block = first-block cache (the other blocks are skipped while the first block's output changes less than cache_threshold); pyramid_broadcast = pyramid attention broadcast (each block's attention reused every other step between timesteps 100 and 800, diffusers' CogVideoX settings); faster = FasterCache (attention reused every other step below timestep 681, the unconditional guidance branch approximated from the conditional one, diffusers' CogVideoX settings; not with compiled blocks: validate.compile / train.compile); none = off.")
+    cache_threshold: float = Field(0.1, gt=0, description="Opt-in, with validate.cache = first_block: relative change of the first block's residual between steps below which the other blocks reuse their cached output (diffusers' FirstBlockCacheConfig.threshold); higher = faster renders at more change in output, the measured speedup is in the README.")
 
     _check_size = field_validator("height", "width")(_multiple_of_16)
 
@@ -368,7 +373,9 @@ def build_config(data: dict[str, Any], source: str = "config") -> Config:
         problems += _frame_problems(_raw_get(data, "model", "variant", default="tiny-t2v"), {
             key: _raw_get(data, *key.split("."), default=None) for key in FRAME_KEYS})
         raise ConfigError(_format_problems(source, problems)) from None
-    problems = check_consistency(config)
+    changes = preset_changes(config.train)
+    config = config.model_copy(update={"train": apply_preset(config.train)})
+    problems = _note_preset_problems(check_consistency(config), changes, config.train.preset)
     if problems:
         raise ConfigError(_format_problems(source, problems))
     return config
@@ -385,6 +392,51 @@ def load_config(params: str | Path | None = None, overrides: Sequence[str] = ())
 
 FRAME_KEYS = ("data.frames", "validate.frames")
 
+# train.preset: what each named setting sets, by (train.method, preset). fp8 storage and compute
+# are LoRA-only (full fine-tuning trains every weight), so the full presets save memory with the
+# CPU-offload optimizer instead. Fastest first: speed > balanced > lean.
+_LORA_BALANCED = {"fp8_base_weights": True, "compile": "blocks", "attention_backend": "cudnn"}
+_FULL_BALANCED = {"optimizer": "cpu_offload_adamw", "compile": "blocks", "attention_backend": "cudnn"}
+PRESETS: dict[tuple[str, str], dict[str, Any]] = {
+    ("lora", "speed"): {**_LORA_BALANCED, "fp8_compute": True, "keep_attention_outputs": True},
+    ("lora", "balanced"): _LORA_BALANCED,
+    ("lora", "lean"): {**_LORA_BALANCED, "fp8_compute": True, "activation_offload": True},
+    ("full", "speed"): _FULL_BALANCED,
+    ("full", "balanced"): _FULL_BALANCED,
+    ("full", "lean"): {**_FULL_BALANCED, "activation_offload": True},
+}
+PRESET_ORDER = ("speed", "balanced", "lean")
+
+
+def preset_changes(train: TrainConfig) -> dict[str, Any]:
+    """The fields train.preset changes: each of the preset's fields whose value is still the
+    field's default. A field the user set to anything else keeps that value (explicit wins)."""
+    wanted = PRESETS.get((train.method, train.preset), {})
+    fields = TrainConfig.model_fields
+    return {name: value for name, value in wanted.items()
+            if getattr(train, name) == fields[name].default and value != fields[name].default}
+
+
+def apply_preset(train: TrainConfig) -> TrainConfig:
+    """``train`` with its preset resolved (see :func:`preset_changes`), validated again; a pure
+    function, so every consumer of the built config sees the same resolved values."""
+    changes = preset_changes(train)
+    if not changes:
+        return train
+    return TrainConfig.model_validate({**train.model_dump(), **changes})
+
+
+def _note_preset_problems(problems: list[str], changes: dict[str, Any], preset: str) -> list[str]:
+    """Say so when a consistency problem is about a value the preset set, not one the user wrote."""
+    noted = []
+    for problem in problems:
+        field = next((name for name in changes if problem.startswith(f"train.{name} = ")), None)
+        if field is not None:
+            problem += (f" [train.{field} was set by train.preset = {preset}; with this setting use "
+                        "train.preset = none and choose the options yourself]")
+        noted.append(problem)
+    return noted
+
 
 def check_consistency(config: Config) -> list[str]:
     """Checks that span several fields (frame rules depend on the chosen model; memory options
@@ -392,7 +444,26 @@ def check_consistency(config: Config) -> list[str]:
     frames = {"data.frames": config.data.frames, "validate.frames": config.validate_.frames}
     for index, bucket in enumerate(config.data.buckets or []):
         frames[f"data.buckets[{index}] frames"] = bucket[0]
-    return _frame_problems(config.model.variant, frames) + _option_problems(config.train)
+    return (_frame_problems(config.model.variant, frames) + _option_problems(config.train)
+            + _render_cache_problems(config))
+
+
+def _render_cache_problems(config: Config) -> list[str]:
+    """validate.cache = faster on compiled blocks: its hooks' step counters and timestep tests
+    recompile each block graph until torch.compile gives up (recompile_limit) and runs those
+    parts eagerly, so the combination costs compile time and gains nothing; refused up front
+    rather than at the first validation render. (first_block and pyramid_broadcast compile.)"""
+    if config.validate_.cache != "faster":
+        return []
+    tail = ("FasterCache's hooks recompile the compiled blocks at every step until torch.compile "
+            "gives up; use validate.cache = first_block or pyramid_broadcast, or no compile")
+    problems = []
+    if config.validate_.compile:
+        problems.append(f"validate.compile = true does not go with validate.cache = faster: {tail}")
+    if config.train.compile == "blocks":
+        problems.append(f"train.compile = blocks does not go with validate.cache = faster (validation "
+                        f"renders the training transformer): {tail}")
+    return problems
 
 
 def _option_problems(train: TrainConfig) -> list[str]:
@@ -403,6 +474,17 @@ def _option_problems(train: TrainConfig) -> list[str]:
     if train.activation_offload and not train.gradient_checkpointing:
         problems.append("train.activation_offload = true needs train.gradient_checkpointing = true "
                         "(it offloads the checkpointed block inputs)")
+    if train.keep_attention_outputs and not train.gradient_checkpointing:
+        problems.append("train.keep_attention_outputs = true needs train.gradient_checkpointing = true "
+                        "(it chooses what checkpointing keeps)")
+    if train.fp8_compute and not (train.fp8_base_weights and train.method == "lora"):
+        problems.append("train.fp8_compute = true multiplies the fp8-stored frozen base weights: it needs "
+                        "train.method = lora and train.fp8_base_weights = true")
+    if train.optimizer == "cpu_offload_adamw" and train.gradient_accumulation_steps > 1:
+        problems.append(f"train.optimizer = cpu_offload_adamw streams each gradient to the CPU as soon as the "
+                        f"backward pass makes it, so micro-batches cannot be summed on the GPU: set "
+                        f"train.gradient_accumulation_steps = 1 (not {train.gradient_accumulation_steps}) and raise "
+                        f"train.batch_size, or use another optimizer")
     return problems
 
 

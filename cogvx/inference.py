@@ -5,12 +5,13 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
 from PIL import Image
 
+from cogvx.errors import CogvxError
 from cogvx.io import atomic_file
 
 if TYPE_CHECKING:
@@ -80,6 +81,80 @@ def prepare_for_device(pipe, device: torch.device, offload: str = "model", vae_t
 
 def _blocks_compiled(transformer) -> bool:
     return any(getattr(block, "_compiled_call_impl", None) is not None for block in transformer.transformer_blocks)
+
+
+def render_cache_config(kind: str, threshold: float, current_timestep: Callable[[], Any], guidance_scale: float):
+    """diffusers' cache config for one validate.cache kind, with the settings diffusers gives
+    for CogVideoX (the examples in its PyramidAttentionBroadcastConfig / apply_faster_cache docs).
+
+    ``current_timestep`` is the pipeline's own (``lambda: pipe.current_timestep``): PAB and
+    FasterCache decide by timestep. FasterCache expects the guidance batch [uncond, cond] the
+    CogVideoX pipelines build; at guidance_scale <= 1 they build none, so it runs as for a
+    guidance-distilled model (attention reuse only) instead of splitting a batch of one.
+    """
+    from diffusers import FasterCacheConfig, FirstBlockCacheConfig, PyramidAttentionBroadcastConfig
+
+    if kind == "first_block":
+        return FirstBlockCacheConfig(threshold=threshold)
+    if kind == "pyramid_broadcast":
+        return PyramidAttentionBroadcastConfig(
+            spatial_attention_block_skip_range=2, spatial_attention_timestep_skip_range=(100, 800),
+            current_timestep_callback=current_timestep)
+    if kind == "faster":
+        return FasterCacheConfig(
+            spatial_attention_block_skip_range=2, spatial_attention_timestep_skip_range=(-1, 681),
+            low_frequency_weight_update_timestep_range=(99, 641), high_frequency_weight_update_timestep_range=(-1, 301),
+            spatial_attention_block_identifiers=("transformer_blocks",), attention_weight_callback=lambda _: 0.3,
+            tensor_format="BFCHW", is_guidance_distilled=guidance_scale <= 1.0, current_timestep_callback=current_timestep)
+    raise ValueError(f"unknown render cache kind {kind!r}")
+
+
+def apply_render_cache(transformer, config: Config, current_timestep: Callable[[], Any],
+                       guidance_scale: float) -> bool:
+    """Enable validate.cache on ``transformer`` through diffusers' ``enable_cache``; whether one was.
+
+    Call it before the pipeline's offload hooks go on and :func:`remove_render_cache` after they
+    come off: FasterCache wraps the transformer's own forward, which accelerate's hooks replace
+    and restore around every pipeline call. FasterCache on compiled blocks is refused (its hooks
+    recompile each block at every step until torch.compile gives up; config.py says so too).
+    """
+    validate = config.validate_
+    if validate.cache == "none":
+        return False
+    if validate.cache == "faster" and _blocks_compiled(transformer):
+        raise CogvxError("validate.cache = faster cannot render with torch.compile'd transformer blocks "
+                         "(train.compile = blocks, validate.compile or a preset): use validate.cache = "
+                         "first_block or pyramid_broadcast, or leave the blocks uncompiled")
+    cache = render_cache_config(validate.cache, validate.cache_threshold, current_timestep, guidance_scale)
+    try:
+        transformer.enable_cache(cache)
+    except ValueError as err:
+        raise CogvxError(f"validate.cache = {validate.cache}: diffusers cannot apply it to this transformer "
+                         f"({err}); set validate.cache = none or another kind") from err
+    return True
+
+
+def remove_render_cache(transformer) -> None:
+    """Disable the transformer's diffusers cache, if one is on, and give every module back its
+    class's forward: diffusers leaves the original bound method as an instance attribute."""
+    if transformer.is_cache_enabled:
+        transformer.disable_cache()
+    for module in transformer.modules():
+        own = vars(module).get("forward")
+        if inspect.ismethod(own) and own.__self__ is module and own.__func__ is type(module).forward:
+            del module.forward
+
+
+def relative_difference(a, b) -> float:
+    """||a - b|| / ||b|| over float64 (tensors or arrays of one shape): how far a render with
+    a cache (``a``) is from the uncached one (``b``); 0.0 when both are zero."""
+    a64, b64 = (x.detach().to("cpu", torch.float64).numpy() if torch.is_tensor(x) else np.asarray(x, np.float64)
+                for x in (a, b))
+    if a64.shape != b64.shape:
+        raise ValueError(f"relative_difference of shapes {a64.shape} and {b64.shape}")
+    norm = np.linalg.norm(b64)
+    diff = np.linalg.norm(a64 - b64)
+    return float(diff / norm) if norm else (0.0 if diff == 0 else float("inf"))
 
 
 def placeholder_image(height: int, width: int) -> Image.Image:
