@@ -37,6 +37,13 @@ def test_kernels_are_told_apart_by_name():
     assert kernel_category("sm90_xmma_gemm_e4m3bf16_e4m3f32_f32_tn_n_tilesize128x128x128") == "gemm-fp8"
     assert kernel_category("nvjet_tst_192x192_64x3_2x1_v_bz_coopB_TNN") == "gemm"
     assert kernel_category("triton_poi_fused_add_mul_0") == "triton-fused"
+    # seen on the H200: cuBLAS's fp8 rowwise GEMM and the patch embedding's cuDNN convolutions
+    assert kernel_category("nvjet_sm90_qqtst_128x128_128x6_1x1_h_bz_coopA_algo2_ovscale_TNT") == "gemm-fp8"
+    assert kernel_category("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x128x64_"
+                           "warpgroupsize1x1x1_g1_execute_segment_k_off_kernel__5x_cudnn") == "conv"
+    assert kernel_category("void cutlass__5x_cudnn::Kernel<cutlass_tensorop_bf16_s16816fprop_optimized_bf16_256x128_"
+                           "64x3_nhwc_align8>") == "conv"
+    assert kernel_category("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26") == "attn-cudnn"
     summary = summarize_kernels([("cudnn_generated_fort_native_sdpa_sm90_x", 2.0), ("triton_red_fused_1", 0.5),
                                  ("pytorch_flash::flash_bwd", 0.25), ("nvjet_tst_1", 1.0)])
     assert summary["attention_backend_seen"] == "attn-cudnn" and summary["gpu_s"] == 3.75

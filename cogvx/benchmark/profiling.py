@@ -13,13 +13,16 @@ ATTENTION_BACKENDS = ("attn-cudnn", "attn-flash", "attn-efficient")
 def kernel_category(name: str) -> str:
     """The category of one CUDA kernel by its name."""
     lowered = name.lower()
-    if "cudnn" in lowered and any(key in lowered for key in ("sdpa", "fprop", "bprop", "attn", "fmha")):
+    if "cudnn" in lowered and any(key in lowered for key in ("sdpa", "attn", "fmha")):
         return "attn-cudnn"
+    if "implicit_gemm" in lowered or "nhwc" in lowered or "conv" in lowered:
+        return "conv"  # cuDNN's convolutions (the patch embedding) are not attention
     if "flash" in lowered:
         return "attn-flash"
     if "fmha" in lowered or "efficient" in lowered or "mem_eff" in lowered:
         return "attn-efficient"
-    if any(key in lowered for key in ("f8", "fp8", "e4m3")) and any(key in lowered for key in ("gemm", "xmma", "nvjet", "cutlass")):
+    fp8 = any(key in lowered for key in ("f8", "fp8", "e4m3", "_qqtst", "ovscale"))  # cuBLAS nvjet "qq": fp8 inputs
+    if fp8 and any(key in lowered for key in ("gemm", "xmma", "nvjet", "cutlass")):
         return "gemm-fp8"
     if any(key in lowered for key in ("gemm", "sm90_xmma", "cutlass", "nvjet", "gemv")):
         return "gemm"

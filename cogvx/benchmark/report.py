@@ -15,12 +15,18 @@ SHORT = {"train.fp8_base_weights=true": "fp8 weights", "train.compile=blocks": "
          "train.attention_backend=flash": "flash attention", "train.optimizer=adamw8bit": "8-bit AdamW",
          "train.optimizer=cpu_offload_adamw": "CPU-offload AdamW", "train.activation_offload=true": "activation offload",
          "train.method=full": "full fine-tune", "validate.compile=true": "compiled", "validate.offload=model": "model offload",
-         "validate.offload=none": "no offload", "validate.fp8_compute=true": "fp8 compute (torchao)"}
+         "validate.offload=none": "no offload", "validate.fp8_compute=true": "fp8 compute (torchao)",
+         "train.preset=speed": "preset speed", "train.preset=balanced": "preset balanced", "train.preset=lean": "preset lean",
+         "train.fp8_compute=true": "fp8 GEMMs", "train.keep_attention_outputs=true": "attention outputs kept",
+         "validate.num_inference_steps=2": "2-step validation render"}
 
 
 DEFAULTS = {"train": "defaults (bf16 weights, eager, AdamW)", "validate": "defaults (bf16 weights, eager, AdamW)",
-            "generate": "defaults (bf16, eager)", "prepare": "VAE + T5-XXL in bf16, 4 decode workers"}
+            "generate": "defaults (bf16, eager)", "prepare": "VAE + T5-XXL in bf16, 4 decode workers",
+            "quality": "fp8 storage and fp8 GEMMs vs bf16"}
 TARGET_WORDS = {"time_ratio": "time <= {:g}x ref", "mem_ratio": "memory <= {:g}x ref", "peak_gib": "peak <= {:g} GiB",
+                "peak_reserved_gib": "reserved <= {:g} GiB", "s_per_step_median": "<= {:g} s/step",
+                "grad_rel_err_median": "LoRA grad error <= {:g}", "loss_curve_rel_diff": "loss curves within {:g}",
                 "seconds": "<= {:g} s", "clips_per_s": ">= {:g} clips/s"}
 
 
@@ -45,6 +51,12 @@ def _fmt(value: Any, digits: int = 2) -> str:
 
 
 def _speed(result: dict[str, Any]) -> str:
+    text = _speed_figure(result)
+    seen = (result.get("profile") or {}).get("attention_backend_seen")
+    return f"{text} (profiled: {seen} kernels)" if seen else text
+
+
+def _speed_figure(result: dict[str, Any]) -> str:
     if result["kind"] == "validate":
         return f"{_fmt(result.get('s_per_step_median'))} s/step, render {_fmt(result.get('validation_s'), 0)} s"
     if result["kind"] == "generate":
@@ -62,29 +74,65 @@ def _targets(result: dict[str, Any]) -> str:
                      for key, ok in met.items())
 
 
-def rows(reports: list[dict[str, Any]]) -> list[list[str]]:
-    """One row per reference step and per case, across result files."""
-    table = []
-    for report in reports:
-        for model, ref in sorted(report.get("references", {}).items()):
-            if "error" in ref:
-                table.append([f"reference {model}", "anchor step", "", "", ref["error"], "", "", ""])
-                continue
-            table.append([f"reference {model}", "anchor step (bf16, AdamW)", _fmt(ref["peak_gb"]),
-                          _fmt(ref["reserved_gb"]), f"{_fmt(ref['s_per_step_median'])} s/step", "1.00", "1.00", ""])
+def _cap(result: dict[str, Any]) -> str:
+    """Whether the case fit the simulated card (`bench run --memory-cap-gib`)."""
+    cap = result.get("memory_cap_gib")
+    if not cap or not (result.get("oom") or "peak_reserved_gib" in result):
+        return ""
+    if result.get("oom"):
+        return f"OUT OF MEMORY under {cap:g} GiB"
+    return f"fits {cap:g} GiB" if result.get("fits_memory_cap") else f"over {cap:g} GiB"
+
+
+def _superseded(reports: list[dict[str, Any]]) -> set[tuple[int, str]]:
+    """(report index, case) of failed results whose case succeeded in a later report: a rerun
+    after a fix replaces the failure in the table (the JSON keeps both)."""
+    later_ok = {}
+    for index, report in enumerate(reports):
         for result in report.get("cases", []):
-            if "error" in result:
-                settings = settings_text(result.get("overrides", []), result.get("kind", "train")) if "overrides" in result else ""
-                table.append([result["case"], settings, "", "", f"failed: {result['error']}", "", "", ""])
-                continue
-            table.append([result["case"], settings_text(result.get("overrides", []), result.get("kind", "train")),
-                          _fmt(result.get("peak_allocated_gib")), _fmt(result.get("peak_reserved_gib")),
-                          _speed(result), _fmt(result.get("time_ratio")), _fmt(result.get("mem_ratio")),
-                          _targets(result)])
+            if "error" not in result:
+                later_ok[result["case"]] = index
+    return {(index, result["case"]) for index, report in enumerate(reports) for result in report.get("cases", [])
+            if "error" in result and later_ok.get(result["case"], -1) > index}
+
+
+def _reference_rows(report: dict[str, Any]) -> list[list[str]]:
+    table = []
+    for model, ref in sorted(report.get("references", {}).items()):
+        if "error" in ref:
+            table.append([f"reference {model}", "anchor step", "", "", "", ref["error"], "", "", "", "",
+                          report.get("commit", "")])
+            continue
+        settings = "anchor step (bf16, AdamW" + (", per-block compile)" if model.endswith("-compile") else ")")
+        table.append([f"reference {model}", settings, _fmt(ref["peak_gb"]), _fmt(ref["reserved_gb"]), "",
+                      f"{_fmt(ref['s_per_step_median'])} s/step", "1.00" if "-" not in model else "", "",
+                      "1.00" if "-" not in model else "",
+                      "", report.get("commit", "")])
     return table
 
 
-HEADER = ["case", "settings", "peak alloc GiB", "peak reserved GiB", "speed", "time vs ref", "memory vs ref", "targets"]
+def rows(reports: list[dict[str, Any]]) -> list[list[str]]:
+    """One row per reference step and per case, across result files."""
+    table, superseded = [], _superseded(reports)
+    for index, report in enumerate(reports):
+        table += _reference_rows(report)
+        for result in report.get("cases", []):
+            settings = settings_text(result.get("overrides", []), result.get("kind", "train")) if "overrides" in result else ""
+            if (index, result["case"]) in superseded:
+                continue
+            if "error" in result:
+                table.append([result["case"], settings, "", "", _cap(result), f"failed: {result['error']}", "", "", "",
+                              "", report.get("commit", "")])
+                continue
+            table.append([result["case"], settings, _fmt(result.get("peak_allocated_gib")),
+                          _fmt(result.get("peak_reserved_gib")), _cap(result), _speed(result),
+                          _fmt(result.get("time_ratio")), _fmt(result.get("time_ratio_vs_compiled_reference")),
+                          _fmt(result.get("mem_ratio")), _targets(result), report.get("commit", "")])
+    return table
+
+
+HEADER = ["case", "settings", "peak alloc GiB", "peak reserved GiB", "simulated card", "speed", "time vs ref",
+          "time vs compiled ref", "memory vs ref", "targets", "commit"]
 
 
 def markdown(reports: list[dict[str, Any]]) -> str:

@@ -274,7 +274,8 @@ def run_case(case: Case, workdir: Path, clips: Path | None = None) -> dict[str, 
         result = run_prepare_case(case, workdir, device, clips)
     if cap is not None:
         result["memory_cap_gib"] = cap
-        result["fits_memory_cap"] = result.get("peak_reserved_gib", 0.0) <= cap
+        if "peak_reserved_gib" in result:
+            result["fits_memory_cap"] = result["peak_reserved_gib"] <= cap
     return {"case": case.name, "kind": case.kind, "variant": case.variant, "size": case.size_text,
             "overrides": list(case.overrides), "note": case.note, **device_facts(device), **result,
             "wall_s": round(time.perf_counter() - started, 1)}
