@@ -148,7 +148,14 @@ class LoraConfig(Section):
     alpha: float = Field(64.0, gt=0, description="LoRA alpha; the adapter is scaled by alpha / rank.")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA branch, in [0, 1).")
     target_modules: list[str] | None = Field(None, description="Module names to adapt; null takes the model's default (attention q/k/v/out).")
-    init: Literal["default", "gaussian", "pissa", "olora"] = Field("gaussian", description="peft init_lora_weights scheme.")
+    init: Literal["default", "gaussian", "pissa", "olora"] = Field("gaussian", description="peft init_lora_weights scheme (kind lora and dora; pissa and olora only there).")
+    kind: Literal["lora", "dora", "lokr", "loha"] = Field("lora", description=(
+        "Adapter kind (peft). lora: low-rank A/B pair, the usual choice, loaded by diffusers. "
+        "dora: weight-decomposed LoRA (a trained magnitude per output row + a LoRA direction), closer to full "
+        "fine-tuning at the same rank, a little slower; loaded by diffusers; not with fp8_base_weights. "
+        "lokr: Kronecker product of two small factors, very few parameters for a given rank. "
+        "loha: Hadamard product of two low-rank pairs, a higher effective rank for the same parameter count. "
+        "lokr and loha use dropout as peft's rank_dropout and are loaded by cogvx through peft."))
 
 
 class TrainConfig(Section):
@@ -477,6 +484,7 @@ def _option_problems(train: TrainConfig) -> list[str]:
     if train.keep_attention_outputs and not train.gradient_checkpointing:
         problems.append("train.keep_attention_outputs = true needs train.gradient_checkpointing = true "
                         "(it chooses what checkpointing keeps)")
+    problems += _adapter_kind_problems(train)
     if train.fp8_compute and not (train.fp8_base_weights and train.method == "lora"):
         problems.append("train.fp8_compute = true multiplies the fp8-stored frozen base weights: it needs "
                         "train.method = lora and train.fp8_base_weights = true")
@@ -485,6 +493,24 @@ def _option_problems(train: TrainConfig) -> list[str]:
                         f"backward pass makes it, so micro-batches cannot be summed on the GPU: set "
                         f"train.gradient_accumulation_steps = 1 (not {train.gradient_accumulation_steps}) and raise "
                         f"train.batch_size, or use another optimizer")
+    return problems
+
+
+def _adapter_kind_problems(train: TrainConfig) -> list[str]:
+    """train.lora.kind combinations that cannot work: PiSSA/OLoRA initialize LoRA's A/B pair
+    from the base weight (no such pair in LoKr/LoHa); DoRA's magnitude divides by the norm of
+    the base weight, which peft reads from the layer as stored, and fp8 storage holds it scaled
+    per row, so the adapter would be normalized by the wrong norm."""
+    lora, problems = train.lora, []
+    if train.method != "lora":
+        return problems
+    if lora.kind in ("lokr", "loha") and lora.init in ("pissa", "olora"):
+        problems.append(f"train.lora.init = {lora.init} initializes a LoRA A/B pair from the base weights; "
+                        f"train.lora.kind = {lora.kind} has none: use train.lora.init = gaussian (or kind lora / dora)")
+    if lora.kind == "dora" and train.fp8_base_weights:
+        problems.append("train.fp8_base_weights = true does not go with train.lora.kind = dora: DoRA normalizes "
+                        "by the base weight's norm, which fp8 storage keeps scaled per row; use "
+                        "train.fp8_base_weights = false, or kind lora / lokr / loha")
     return problems
 
 

@@ -93,36 +93,55 @@ def check_lora_base(meta: dict, spec, path: Path, log=print) -> None:
 
 
 def attach_lora(pipe, path: Path, scale: float, log=print, spec=None) -> dict:
-    """Load a LoRA into the pipeline at ``scale`` x (alpha / rank), alpha read from the file;
-    with ``spec``, a LoRA recorded as trained on another kind of model is refused first.
+    """Load an adapter file into the pipeline at ``scale`` x (alpha / rank), alpha read from the
+    file; with ``spec``, an adapter recorded as trained on another kind of model is refused first.
+    LoRA and DoRA load through diffusers' ``load_lora_weights``, LoKr and LoHa (which diffusers
+    cannot read) through peft (:func:`cogvx.models.lora.load_lycoris`), under the same adapter
+    name, so ``pipe.set_adapters`` changes the strength of either.
 
     The file is read as safetensors whatever its name (``use_safetensors=True`` hands diffusers
     the file itself and turns off its pickle fallback, which otherwise picks ``torch.load`` for
     a name not ending in .safetensors); its header was checked before by read_lora_metadata.
     """
-    from safetensors import SafetensorError
-
-    from cogvx.models.lora import read_lora_metadata
+    from cogvx.models.lora import LYCORIS_KINDS, load_lycoris, read_lora_metadata
 
     path = lora_file(path)
     meta = read_lora_metadata(path)
     check_lora_base(meta, spec, path, log)
-    try:
-        pipe.load_lora_weights(str(path), use_safetensors=True, adapter_name=ADAPTER)
-    except (ValueError, KeyError, RuntimeError, SafetensorError) as err:
-        raise CogvxError(f"{path} does not fit this model's transformer: {str(err).splitlines()[0][:200]}") from None
-    pipe.set_adapters([ADAPTER], [scale])
+    if meta["kind"] in LYCORIS_KINDS:
+        load_lycoris(pipe.transformer, path, meta, ADAPTER, scale)
+    else:
+        _load_with_diffusers(pipe, path, scale)
     trained = meta["cogvx"].get("config", {}).get("train", {})
     if trained.get("ignore_learned_positional_embeddings"):
         from cogvx.models.positions import ignore_learned_positions
 
         ignore_learned_positions(pipe.transformer)
+    _log_strength(meta, path, scale, log)
+    return meta
+
+
+def _load_with_diffusers(pipe, path: Path, scale: float) -> None:
+    """A LoRA / DoRA file through diffusers' loader, as adapter ADAPTER at ``scale``."""
+    from safetensors import SafetensorError
+
+    try:
+        pipe.load_lora_weights(str(path), use_safetensors=True, adapter_name=ADAPTER)
+    except (ValueError, KeyError, RuntimeError, SafetensorError) as err:
+        raise CogvxError(f"{path} does not fit this model's transformer: {str(err).splitlines()[0][:200]}") from None
+    pipe.set_adapters([ADAPTER], [scale])
+
+
+def _log_strength(meta: dict, path: Path, scale: float, log=print) -> None:
+    """One line saying the adapter's kind, rank, alpha and the strength it acts at."""
+    from cogvx.models.lora import KIND_NAMES
+
+    name = KIND_NAMES[meta["kind"]]
     if meta["rank"] and meta["alpha"]:
-        log(f"LoRA rank {meta['rank']}, alpha {meta['alpha']:g}: strength {scale:g} x alpha/rank "
+        log(f"{name} rank {meta['rank']}, alpha {meta['alpha']:g}: strength {scale:g} x alpha/rank "
             f"= {scale * meta['alpha'] / meta['rank']:g}")
     else:
         log(f"warning: {path.name} records no rank/alpha; diffusers assumes alpha = rank (strength {scale:g})")
-    return meta
 
 
 def generation_pipeline(config: Config, request: GenerateRequest, log=print, transformer_module=None):

@@ -1,8 +1,12 @@
-"""LoRA adapters with peft, saved in the file format diffusers' ``load_lora_weights`` reads.
+"""Adapters with peft (train.lora.kind: lora, dora, lokr, loha), saved as one safetensors file.
 
-The saved file carries peft's adapter config (rank, alpha, target modules) in diffusers' own
-``lora_adapter_metadata`` key, so diffusers restores alpha when loading and the LoRA acts at the
-strength it was trained with; cogvx adds its own key with the base model and training config.
+LoRA and DoRA are saved in the file format diffusers' ``load_lora_weights`` reads: the file
+carries peft's adapter config (rank, alpha, target modules, use_dora) in diffusers' own
+``lora_adapter_metadata`` key, so diffusers restores alpha when loading and the adapter acts at
+the strength it was trained with. diffusers cannot load LoKr and LoHa, so those files hold peft's
+state dict with peft's config (its peft_type included) under ``peft_adapter_config``, loaded back
+by :func:`load_lycoris` through peft. Every file has cogvx's own key with the base model, the
+training config and the adapter kind.
 """
 
 from __future__ import annotations
@@ -19,21 +23,49 @@ from cogvx.io import atomic_directory
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 COGVX_METADATA_KEY = "cogvx"
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"
+PEFT_METADATA_KEY = "peft_adapter_config"
 INIT_SCHEMES = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
+ADAPTER_KINDS = ("lora", "dora", "lokr", "loha")
+LYCORIS_KINDS = ("lokr", "loha")  # peft's LyCORIS tuners: no diffusers loader, loaded through peft
+KIND_NAMES = {"lora": "LoRA", "dora": "DoRA", "lokr": "LoKr", "loha": "LoHa"}
+
+
+def adapter_config(kind: str, rank: int, alpha: float, target_modules: list[str], dropout: float = 0.0,
+                   init: str = "gaussian"):
+    """The peft config of one adapter kind: LoraConfig (use_dora for dora), LoKrConfig or
+    LoHaConfig. LyCORIS layers have no input dropout: ``dropout`` is their rank_dropout (drops
+    rows of the weight update), the nearest equivalent; ``init`` applies to lora and dora only."""
+    from peft import LoHaConfig, LoKrConfig, LoraConfig
+
+    targets = sorted(target_modules)
+    if kind in ("lora", "dora"):
+        return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
+                          init_lora_weights=INIT_SCHEMES[init], use_dora=kind == "dora")
+    if kind in LYCORIS_KINDS:
+        lycoris = LoKrConfig if kind == "lokr" else LoHaConfig
+        return lycoris(r=rank, alpha=alpha, rank_dropout=dropout, target_modules=targets)
+    raise CogvxError(f"train.lora.kind = {kind!r}: expected one of {', '.join(ADAPTER_KINDS)}")
 
 
 def add_lora(transformer, rank: int, alpha: float, target_modules: list[str], dropout: float = 0.0,
-             init: str = "gaussian") -> None:
-    """Freeze the transformer and add a trainable LoRA adapter (fp32 weights) to ``target_modules``."""
-    from peft import LoraConfig
-
+             init: str = "gaussian", kind: str = "lora") -> None:
+    """Freeze the transformer and add a trainable adapter of ``kind`` (fp32 weights) to ``target_modules``."""
     transformer.requires_grad_(False)
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
-                        init_lora_weights=INIT_SCHEMES[init])
-    transformer.add_adapter(config)
+    transformer.add_adapter(adapter_config(kind, rank, alpha, target_modules, dropout, init))
     for param in transformer.parameters():
         if param.requires_grad:
             param.data = param.data.float()
+
+
+def adapter_kind(transformer, adapter: str = "default") -> str:
+    """The kind (lora, dora, lokr, loha) of the transformer's peft adapter ``adapter``."""
+    config = transformer.peft_config[adapter]
+    kind = str(getattr(config.peft_type, "value", config.peft_type)).lower()
+    if kind == "lora":
+        return "dora" if config.use_dora else "lora"
+    if kind not in LYCORIS_KINDS:
+        raise CogvxError(f"unsupported peft adapter type {kind!r}; cogvx saves {', '.join(ADAPTER_KINDS)}")
+    return kind
 
 
 def trainable_state(transformer) -> dict[str, torch.Tensor]:
@@ -61,32 +93,86 @@ def adapter_metadata(transformer) -> dict[str, Any]:
 
 def save_lora(transformer, out_dir: Path, info: dict[str, Any], state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Write the adapter as ``out_dir/pytorch_lora_weights.safetensors`` (atomically) and return it;
-    ``state_dict`` is the model's full state where the module itself holds only a shard.
+    ``state_dict`` is the model's full state where the module itself holds only a shard. LoRA and
+    DoRA go through diffusers' writer (its loader reads them back), LoKr and LoHa as peft's state
+    dict with peft's config; ``info`` gains the adapter kind.
 
     Equal weights and info give the same bytes in any process (sorted header, sorted target modules),
     so DVC and MLflow see an identical re-run as unchanged."""
-    from diffusers import CogVideoXPipeline
     from peft.utils import get_peft_model_state_dict
+
+    kind = adapter_kind(transformer)
+    info = {**info, "adapter_kind": kind}
+    layers = {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(transformer, state_dict=state_dict).items()}
+    with atomic_directory(out_dir) as staging:
+        if kind in LYCORIS_KINDS:
+            _write_peft_file(staging / LORA_WEIGHT_NAME, layers, adapter_metadata(transformer), info)
+        else:
+            _write_diffusers_file(staging, layers, adapter_metadata(transformer), info)
+    return out_dir / LORA_WEIGHT_NAME
+
+
+def _write_diffusers_file(folder: Path, layers: dict[str, torch.Tensor], adapter: dict[str, Any],
+                          info: dict[str, Any]) -> None:
+    """diffusers' LoRA file (its key names and adapter metadata), rewritten reproducibly with cogvx's key."""
+    from diffusers import CogVideoXPipeline
     from safetensors import safe_open
     from safetensors.torch import load_file
 
     from cogvx.tensorfile import save_tensors_reproducibly
 
-    layers = {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(transformer, state_dict=state_dict).items()}
-    with atomic_directory(out_dir) as staging:
-        CogVideoXPipeline.save_lora_weights(staging, transformer_lora_layers=layers,
-                                            transformer_lora_adapter_metadata=adapter_metadata(transformer),
-                                            weight_name=LORA_WEIGHT_NAME, safe_serialization=True)
-        path = staging / LORA_WEIGHT_NAME
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = dict(handle.metadata() or {})
-        metadata[COGVX_METADATA_KEY] = json.dumps(info, sort_keys=True, default=str)
-        save_tensors_reproducibly(load_file(str(path)), path, metadata=metadata)
-    return out_dir / LORA_WEIGHT_NAME
+    CogVideoXPipeline.save_lora_weights(folder, transformer_lora_layers=layers, transformer_lora_adapter_metadata=adapter,
+                                        weight_name=LORA_WEIGHT_NAME, safe_serialization=True)
+    path = folder / LORA_WEIGHT_NAME
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = dict(handle.metadata() or {})
+    metadata[COGVX_METADATA_KEY] = json.dumps(info, sort_keys=True, default=str)
+    save_tensors_reproducibly(load_file(str(path)), path, metadata=metadata)
+
+
+def _write_peft_file(path: Path, layers: dict[str, torch.Tensor], adapter: dict[str, Any], info: dict[str, Any]) -> None:
+    """peft's state dict (names as get_peft_model_state_dict gives them) with peft's config and cogvx's key."""
+    from cogvx.tensorfile import save_tensors_reproducibly
+
+    metadata = {"format": "pt", PEFT_METADATA_KEY: json.dumps(adapter, sort_keys=True, default=str),
+                COGVX_METADATA_KEY: json.dumps(info, sort_keys=True, default=str)}
+    save_tensors_reproducibly(layers, path, metadata=metadata)
+
+
+def load_lycoris(transformer, path: Path, meta: dict[str, Any], adapter: str, scale: float) -> None:
+    """Add the LoKr / LoHa adapter of the file at ``path`` (read by read_lora_metadata into
+    ``meta``) to ``transformer`` as ``adapter``, through peft, at ``scale`` x alpha / rank.
+    The config comes from the file, so the layers have the shapes they were trained with; a
+    file that does not fit (other target modules or shapes) is a CogvxError."""
+    from peft import PeftConfig
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    fields = {k: v for k, v in meta["peft_config"].items() if k not in ("base_model_name_or_path", "revision")}
+    try:
+        config = PeftConfig.from_peft_type(**fields)
+        transformer.add_adapter(config, adapter_name=adapter)
+        result = set_peft_model_state_dict(transformer, load_file(str(path)), adapter_name=adapter)
+    except (ValueError, KeyError, TypeError, RuntimeError) as err:
+        raise CogvxError(f"{path} does not fit this model's transformer: {str(err).splitlines()[0][:200]}") from None
+    if result.unexpected_keys:
+        raise CogvxError(f"{path} does not fit this model's transformer: {len(result.unexpected_keys)} of its "
+                         f"tensors have no layer here (e.g. {result.unexpected_keys[0]})")
+    set_lycoris_scale(transformer, adapter, scale)
+
+
+def set_lycoris_scale(transformer, adapter: str, scale: float) -> None:
+    """Every LoKr / LoHa layer of ``adapter`` at ``scale`` x alpha / rank (peft's LycorisLayer.set_scale)."""
+    from peft.tuners.lycoris_utils import LycorisLayer
+
+    for module in transformer.modules():
+        if isinstance(module, LycorisLayer):
+            module.set_scale(adapter, scale)
 
 
 def read_lora_metadata(path: Path) -> dict[str, Any]:
-    """rank, alpha, target modules and cogvx's record of a LoRA file (empty fields when absent).
+    """Adapter kind, rank, alpha, target modules, peft config (LoKr / LoHa) and cogvx's record
+    of an adapter file (empty fields when absent).
 
     The file is recognized by its content (the safetensors header), whatever its name: anything
     else (a pickle, a torch.save zip, a truncated file, a FIFO) is a CogvxError naming it, raised
@@ -104,12 +190,27 @@ def read_lora_metadata(path: Path) -> dict[str, Any]:
             metadata = dict(handle.metadata() or {})
     except (SafetensorError, OSError) as err:
         raise CogvxError(f"{path} is not a readable safetensors LoRA file ({_not_safetensors(path, err)})") from None
+    return _describe_adapter(path, metadata)
+
+
+def _describe_adapter(path: Path, metadata: dict[str, str]) -> dict[str, Any]:
+    """read_lora_metadata's answer from a safetensors header: the kind from cogvx's record
+    (files written before kinds existed are lora, or dora where diffusers' metadata says so)."""
     adapter = _json_metadata(path, metadata, ADAPTER_METADATA_KEY)
-    prefix = "transformer."
-    adapter = {k.removeprefix(prefix): v for k, v in adapter.items()}
-    return {"rank": adapter.get("r"), "alpha": adapter.get("lora_alpha"),
-            "target_modules": adapter.get("target_modules"),
-            "cogvx": _json_metadata(path, metadata, COGVX_METADATA_KEY)}
+    adapter = {k.removeprefix("transformer."): v for k, v in adapter.items()}
+    peft_config, record = _json_metadata(path, metadata, PEFT_METADATA_KEY), _json_metadata(path, metadata, COGVX_METADATA_KEY)
+    kind = record.get("adapter_kind") or ("dora" if adapter.get("use_dora") else "lora")
+    if kind not in ADAPTER_KINDS:
+        raise CogvxError(f"{path}: adapter kind {kind!r} is none of {', '.join(ADAPTER_KINDS)}; "
+                         "the file was written by a newer cogvx, or it is damaged")
+    if kind in LYCORIS_KINDS:
+        if str(peft_config.get("peft_type", "")).lower() != kind:
+            raise CogvxError(f"{path}: a {KIND_NAMES[kind]} file without a matching '{PEFT_METADATA_KEY}' "
+                             "metadata; the file is damaged, or it was not written by cogvx")
+        return {"kind": kind, "rank": peft_config.get("r"), "alpha": peft_config.get("alpha"),
+                "target_modules": peft_config.get("target_modules"), "peft_config": peft_config, "cogvx": record}
+    return {"kind": kind, "rank": adapter.get("r"), "alpha": adapter.get("lora_alpha"),
+            "target_modules": adapter.get("target_modules"), "peft_config": None, "cogvx": record}
 
 
 def _not_safetensors(path: Path, err: Exception) -> str:

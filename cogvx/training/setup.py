@@ -95,7 +95,7 @@ def configure_transformer(transformer, config: Config, dtype: torch.dtype, bucke
     check_learned_positions(transformer, buckets)
     if train.method == "lora":
         add_lora(transformer, lora.rank, lora.alpha, lora.target_modules or list(config.spec.lora_target_modules),
-                 lora.dropout, lora.init)
+                 lora.dropout, lora.init, lora.kind)
     else:
         transformer.requires_grad_(True)
     if train.fp8_base_weights:
