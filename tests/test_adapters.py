@@ -3,7 +3,6 @@ loads them, act at the asked strength and resume exactly, on the tiny model."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,7 @@ from cogvx.errors import CogvxError, ConfigError
 from cogvx.generate import GenerateRequest, generation_pipeline, render_request
 from cogvx.models.lora import add_lora, read_lora_metadata, trainable_state
 from cogvx.training.checkpoint import list_checkpoints
-from tests.helpers.training import base_overrides, lora_tensors, run
+from tests.helpers.training import base_overrides, cut_back_to_first_checkpoint, lora_tensors, run
 
 KINDS = ["lora", "dora", "lokr", "loha"]
 # A tensor name each kind's adapter must have (peft's parameter names).
@@ -95,9 +94,7 @@ def test_each_kind_resumes_exactly(kind, prepared, tmp_path):
                 "train.learning_rate=1e-3", *SMALL_RENDER)
     run(prepared, tmp_path / "straight", *settings)
     run(prepared, tmp_path / "resumed", *settings)
-    for later in list_checkpoints(tmp_path / "resumed" / "checkpoints")[1:]:
-        shutil.rmtree(later)
-    shutil.rmtree(tmp_path / "resumed" / "lora")
+    cut_back_to_first_checkpoint(tmp_path / "resumed")
     resumed = run(prepared, tmp_path / "resumed", *settings, resume="latest")
     assert resumed.steps == 4 and resumed.resumed_from_step == 2
     straight, again = lora_tensors(tmp_path / "straight"), lora_tensors(tmp_path / "resumed")

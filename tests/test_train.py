@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import statistics
 import subprocess
@@ -22,7 +21,7 @@ from cogvx.models.specs import get_spec
 from cogvx.training.checkpoint import list_checkpoints
 from cogvx.models.lora import read_lora_metadata
 from cogvx.training.loop import train
-from tests.helpers.training import base_overrides, lora_tensors, run, train_process
+from tests.helpers.training import base_overrides, cut_back_to_first_checkpoint, lora_tensors, run, train_process
 
 
 @pytest.mark.slow
@@ -41,9 +40,7 @@ def test_resumed_run_is_bit_identical_to_a_straight_one(prepared, tmp_path):
     run(prepared, tmp_path / "straight", *settings)
     # A second run, cut back to its step-4 checkpoint (as if it had stopped there), resumed.
     run(prepared, tmp_path / "resumed", *settings)
-    for later in list_checkpoints(tmp_path / "resumed" / "checkpoints")[1:]:
-        shutil.rmtree(later)
-    shutil.rmtree(tmp_path / "resumed" / "lora")
+    cut_back_to_first_checkpoint(tmp_path / "resumed")
     resumed = run(prepared, tmp_path / "resumed", *settings, resume="latest")
     assert resumed.steps == 8
     straight, again = lora_tensors(tmp_path / "straight"), lora_tensors(tmp_path / "resumed")

@@ -52,6 +52,18 @@ def run(paths, out: Path, *extra: str, resume: str | None = None) -> TrainingRep
     return train(config, resume=resume, log=lambda *_: None)
 
 
+def cut_back_to_first_checkpoint(out: Path) -> None:
+    """Make a finished run look as if it had stopped at its first checkpoint: later checkpoints
+    and the final weights go, so that ``resume="latest"`` continues from there."""
+    import shutil
+
+    from cogvx.training.checkpoint import list_checkpoints
+
+    for later in list_checkpoints(out / "checkpoints")[1:]:
+        shutil.rmtree(later)
+    shutil.rmtree(out / "lora")
+
+
 def lora_tensors(out: Path) -> dict[str, torch.Tensor]:
     """The LoRA weights a training run wrote into ``out``, by name."""
     from safetensors.torch import load_file
