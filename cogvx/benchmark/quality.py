@@ -25,20 +25,16 @@ def _lora_transformer(case: Case, device: torch.device):
     from cogvx.models.build import build_transformer
     from cogvx.models.lora import add_lora
 
+    from cogvx.models.specs import get_spec
+
     torch.manual_seed(0)
-    model = build_transformer(case_spec(case), torch.bfloat16, device)
+    model = build_transformer(get_spec(case.variant), torch.bfloat16, device)
     add_lora(model, rank=64, alpha=64, target_modules=list(TARGETS))
     with torch.no_grad():  # non-zero B matrices, so every LoRA weight gets a gradient
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.02)
     return model.train()
-
-
-def case_spec(case: Case):
-    from cogvx.models.specs import get_spec
-
-    return get_spec(case.variant)
 
 
 def _lora_gradients(model, case: Case, device: torch.device) -> dict[str, torch.Tensor]:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from cogvx.errors import CogvxError
 
 FP8 = torch.float8_e4m3fn
+FP8_CAPABILITY = (8, 9)  # fp8 GEMMs (torch._scaled_mm, torchao): Ada (sm_89) and Hopper (sm_90) onwards
 FP8_MAX = 448.0  # largest finite e4m3fn value
 # Layers kept in their own dtype: the LoRA branches (trained), norms and their modulation
 # (small, precision-sensitive), the embeddings in and the projection out (as diffusers skips them).
@@ -116,7 +117,7 @@ def store_base_weights_in_fp8(transformer, compute_dtype: torch.dtype = torch.bf
 def quantize_fp8_compute(transformer, device: torch.device) -> int:
     """Inference only: fp8 weights and dynamically quantized fp8 activations, per-row scales,
     in every nn.Linear outside FP8_SKIP (torchao); returns how many layers were quantized."""
-    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < FP8_CAPABILITY:
         raise CogvxError("validate.fp8_compute needs a CUDA GPU of compute capability 8.9 or newer (Ada, Hopper); "
                          "set validate.fp8_compute=false here")
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_

@@ -19,9 +19,9 @@ from cogvx.config import PRESET_ORDER, PRESETS, Config, TrainConfig, apply_prese
 from cogvx.errors import CogvxError
 from cogvx.models.constants import VAE_SPATIAL_SCALE, latent_frame_count
 from cogvx.models.specs import ModelSpec
+from cogvx.models.performance import FP8_CAPABILITY
 
 GIB = 2**30
-FP8_CAPABILITY = (8, 9)  # torch._scaled_mm's fp8 GEMMs: Ada (sm_89) and Hopper (sm_90) onwards
 # Calibration of the estimate (tests/test_presets.py checks it against the measured peaks):
 LIVE_BLOCK_ACTIVATIONS = 28  # one block's live forward + backward tensors, in [tokens, inner_dim] units
 OFFLOAD_IN_FLIGHT = 2  # activation_offload: block inputs on the GPU at once (the one used, the next fetched)
