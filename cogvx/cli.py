@@ -630,6 +630,11 @@ def show_warning(message, category, filename, lineno, file=None, line=None) -> N
     _plain_showwarning(message, category, filename, lineno, file, line)
 
 
+# typer's own command-line errors (an option's min= bound, say): in typer versions that vendor
+# click they are not click.ClickException, and would otherwise end in a traceback.
+TYPER_CLICK_EXCEPTION = next(cls for cls in typer.BadParameter.__mro__ if cls.__name__ == "ClickException")
+
+
 def main() -> None:
     """Console-script entry point: user errors become one message and a non-zero exit code."""
     quiet_third_party_output()
@@ -638,7 +643,7 @@ def main() -> None:
     except CogvxError as error:
         err.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
         sys.exit(error.exit_code)
-    except click.ClickException as error:
+    except (click.ClickException, TYPER_CLICK_EXCEPTION) as error:
         error.show()
         sys.exit(error.exit_code)
     except click.exceptions.Abort:

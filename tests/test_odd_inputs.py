@@ -366,3 +366,11 @@ def test_lora_that_is_not_safetensors_is_refused_before_any_loader(tmp_path):
         attach_lora(None, tmp_path / ("z" * 300), 1.0)
     request = GenerateRequest(prompt="x", out=tmp_path / "o.mp4", weights=tmp_path / "notes.st")
     assert resolve_weights(Config(), request) == (tmp_path / "notes.st", None)
+
+
+@pytest.mark.parametrize("args", [("data", "synthetic", "--n", "0"), ("bench", "run", "--memory-cap-gib", "0.5"),
+                                  ("bench", "run", "--processes", "0")])
+def test_an_option_out_of_its_range_is_a_usage_error_not_a_traceback(run_cli, args):
+    done = run_cli(*args)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "Invalid value for" in done.stderr and "Traceback" not in done.stdout + done.stderr
