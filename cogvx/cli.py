@@ -253,7 +253,9 @@ def prepare_rows(summary: dict) -> list[tuple[str, str]]:
             ("encoded now", f"{summary['videos_encoded']} clips, {summary['texts_encoded']} captions "
                             f"({summary['skipped']} already encoded)"),
             ("sampling", sampling_text(summary)),
-            ("speed", f"{summary['clips_per_second']:.3g} clips/s ({summary['seconds']:.1f} s)"),
+            ("speed", f"{summary['clips_per_second']:.3g} clips/s ({summary['seconds']:.1f} s)"
+                      + (f"; {summary['steady_clips_per_second']:.3g} clips/s after the warm-up batch"
+                         if summary.get("steady_clips_per_second") else "")),
             ("peak memory", f"{summary['peak_memory_gib']:.2f} GiB ({summary['memory_kind']})")]
 
 

@@ -65,6 +65,9 @@ class PrepareSummary:
     memory_kind: str
     encode_seconds: float = 0.0  # decode + VAE + T5 + write, without validation and model load
     encode_clips_per_second: float = 0.0
+    # The rate after each clip shape's first VAE batch (cuDNN autotuning, prepare.compile's compiling):
+    # what a large data set runs at; 0.0 when every clip was in a first batch.
+    steady_clips_per_second: float = 0.0
     phase_seconds: dict[str, float] = field(default_factory=dict)  # decode_wait, vae, write, t5 (slowest process)
     processes: int = 1
     frame_sampling: str = "start"  # data.frame_sampling: start, random or evenly
@@ -214,13 +217,15 @@ class ClipDataset(torch.utils.data.Dataset):
 
 
 def encode_videos(pipe, plans: list[Plan], infos, config: Config, out: Path, device, dtype, progress,
-                  seconds: dict[str, float] | None = None) -> int:
-    """Encode the clips of ``plans`` into videos/<key>.safetensors; returns how many.
+                  seconds: dict[str, float] | None = None) -> tuple[int, int]:
+    """Encode the clips of ``plans`` into videos/<key>.safetensors; returns how many, and how many
+    of them were in the first VAE batch of their shape (the warm-up: autotuning, compiling).
 
-    ``seconds`` collects where the time went: waiting for decoded clips, the VAE, writing.
+    ``seconds`` collects where the time went: waiting for decoded clips, the VAE, writing; and,
+    within the VAE's time, "warmup": that of the first batch of each shape.
     """
     if not plans:
-        return 0
+        return 0, 0
     seconds = seconds if seconds is not None else {}
     dataset = ClipDataset(plans, infos, config)
     extra_latents = dataset.conditioning.extra_latents
@@ -228,22 +233,28 @@ def encode_videos(pipe, plans: list[Plan], infos, config: Config, out: Path, dev
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler,
                                          num_workers=config.prepare.num_workers,
                                          persistent_workers=False, pin_memory=device.type == "cuda")
-    encoded = 0
+    encoded = warmup_clips = 0
+    shapes: set[tuple[int, ...]] = set()
     clock = time.perf_counter()
     for batch in loader:
-        clock = _lap(seconds, "decode_wait", clock)
+        clock = vae_started = _lap(seconds, "decode_wait", clock)
         with torch.no_grad():
             posteriors = {VIDEO_LATENT: _encode(pipe.vae, batch["video"], device, dtype)}
             for pixels, latent in extra_latents:
                 posteriors[latent] = _encode(pipe.vae, batch[pixels], device, dtype)
         clock = _lap(seconds, "vae", clock)
+        shape = tuple(batch["video"].shape)  # [B, F, C, H, W]
+        if shape not in shapes:  # cuDNN autotuning and, with prepare.compile, compiling happen here
+            shapes.add(shape)
+            warmup_clips += len(batch["key"])
+            seconds["warmup"] = round(seconds.get("warmup", 0.0) + clock - vae_started, 3)
         for row, key in enumerate(batch["key"]):
             save_tensors(video_file(out, key), {name: value[row] for latent, pair in posteriors.items()
                                                 for name, value in zip(posterior_tensors(latent), pair)})
         encoded += len(batch["key"])
         progress.update(len(batch["key"]))
         clock = _lap(seconds, "write", clock)
-    return encoded
+    return encoded, warmup_clips
 
 
 def _lap(seconds: dict[str, float], name: str, since: float) -> float:
@@ -357,7 +368,7 @@ def encode_share(config: Config, folder: Path, videos: list[Plan], texts: dict[s
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    work: dict[str, Any] = {"videos": 0, "texts": 0, "encode_seconds": 0.0, "phases": {}}
+    work: dict[str, Any] = {"videos": 0, "warmup_clips": 0, "texts": 0, "encode_seconds": 0.0, "phases": {}}
     if videos or texts:
         spec = config.spec
         dtype = resolve_dtype(config.model.dtype, spec, device)
@@ -370,9 +381,13 @@ def encode_share(config: Config, folder: Path, videos: list[Plan], texts: dict[s
             pipe.vae.enable_tiling()
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # one clip shape per bucket: tuned convolutions pay off
+            if config.prepare.compile:
+                # Static shapes: one graph per bucket for the first frame batch, one for the rest.
+                pipe.vae.encoder = torch.compile(pipe.vae.encoder, dynamic=False)
         encode_started = time.perf_counter()
         with tqdm(total=len(videos), unit="clip", desc="encoding clips", disable=None) as bar:
-            work["videos"] = encode_videos(pipe, videos, infos, config, out, device, dtype, bar, work["phases"])
+            work["videos"], work["warmup_clips"] = encode_videos(pipe, videos, infos, config, out, device, dtype,
+                                                                  bar, work["phases"])
         text_started = time.perf_counter()
         work["texts"] = encode_texts(pipe, texts, out, device, dtype)
         _lap(work["phases"], "t5", text_started)
@@ -395,6 +410,8 @@ def summarize(shares: list[dict[str, Any]], samples: int, todo: int, dropped: in
     """One summary over every process's share: counts added, time of the slowest, peak of any."""
     videos = sum(share["videos"] for share in shares)
     encode_seconds = max(share["encode_seconds"] for share in shares)
+    steady_clips = videos - sum(share.get("warmup_clips", 0) for share in shares)
+    steady_seconds = max(share["encode_seconds"] - share["phases"].get("warmup", 0.0) for share in shares)
     phases: dict[str, float] = {}
     for share in shares:
         for name, value in share["phases"].items():
@@ -405,6 +422,7 @@ def summarize(shares: list[dict[str, Any]], samples: int, todo: int, dropped: in
                           peak_memory_gib=round(max(share["peak"] for share in shares), 3),
                           memory_kind=shares[0]["memory_kind"], encode_seconds=round(encode_seconds, 2),
                           encode_clips_per_second=round(videos / encode_seconds, 3) if videos else 0.0,
+                          steady_clips_per_second=round(steady_clips / steady_seconds, 3) if steady_clips else 0.0,
                           phase_seconds=phases, processes=len(shares), **(sampling.counts() if sampling else {}))
 
 

@@ -15,7 +15,7 @@ import torch
 from cogvx.data.buckets import Bucket
 from cogvx.data.validation import DataValidationError
 from cogvx.data.latents import LatentDataset, LatentsError, read_manifest, sample_latents
-from cogvx.prepare import run_prepare
+from cogvx.prepare import run_prepare, summarize
 from tests.helpers.training import N_CLIPS, digests, finished_files, make_config
 
 
@@ -25,6 +25,9 @@ def test_prepare_encodes_every_clip_and_caption(synthetic, tiny_models, tmp_path
     summary = run_prepare(config)
     assert (summary.samples, summary.videos_encoded, summary.texts_encoded) == (N_CLIPS, N_CLIPS, N_CLIPS + 1)
     assert summary.peak_memory_gib > 0 and summary.seconds > 0
+    # One bucket, batch 1: the first clip is the warm-up, the rest give the steady rate.
+    assert 0 < summary.phase_seconds["warmup"] <= summary.phase_seconds["vae"]
+    assert summary.steady_clips_per_second > 0
     manifest = read_manifest(tmp_path / "latents")
     assert manifest["model"]["variant"] == "tiny-t2v" and manifest["buckets"] == ["9x64x96"]
     assert len(manifest["entries"]) == N_CLIPS
@@ -36,6 +39,19 @@ def test_prepare_encodes_every_clip_and_caption(synthetic, tiny_models, tmp_path
     latents = sample_latents(item["latent_mean"], item["latent_logvar"], 0.7, torch.Generator().manual_seed(0))
     assert latents.shape == (3, 16, 8, 12) and torch.isfinite(latents).all()
     assert (tmp_path / "latents" / "cogvx-config.yaml").is_file()
+
+
+def test_steady_rate_leaves_out_each_process_first_batches():
+    shares = [{"videos": 10, "warmup_clips": 2, "texts": 11, "encode_seconds": 30.0, "phases": {"warmup": 22.0},
+               "peak": 1.0, "memory_kind": "cuda peak allocated"},
+              {"videos": 10, "warmup_clips": 2, "texts": 0, "encode_seconds": 28.0, "phases": {"warmup": 24.0},
+               "peak": 2.0, "memory_kind": "cuda peak allocated"}]
+    summary = summarize(shares, samples=20, todo=20, dropped=0, seconds=40.0)
+    assert summary.encode_clips_per_second == round(20 / 30.0, 3)
+    assert summary.steady_clips_per_second == round(16 / 8.0, 3)  # the slowest process's 8 s after warm-up
+    assert summary.phase_seconds["warmup"] == 24.0
+    nothing_steady = summarize([{**shares[0], "videos": 2}], samples=2, todo=2, dropped=0, seconds=40.0)
+    assert nothing_steady.steady_clips_per_second == 0.0
 
 
 @pytest.mark.slow

@@ -173,6 +173,16 @@ ISSUE17: tuple[Case, ...] = (
          VALIDATION_50 + ("validate.compile=true", "validate.fp8_compute=true", "validate.offload=model",
                           "train.attention_backend=cudnn"),
          targets={"seconds": 60.0, "peak_reserved_gib": 23.0}, steps=1, warmup=1, profile=True),
+    Case("5b-generate-first-block-cache", "generate", "cogvideox-5b", S49,
+         VALIDATION_50 + ("validate.compile=true", "validate.offload=model", "train.attention_backend=cudnn",
+                          "validate.cache=first_block"),
+         steps=1, warmup=1, note="as 5b-generate with diffusers' FirstBlockCache (validate.cache)"),
+    Case("prepare-eager", "prepare", "cogvideox-5b", S49, (), None, targets={"clips_per_s": 1.5}, steps=16, warmup=0,
+         note="16 clips: decode + VAE + T5 + write; clips/s after the first batch"),
+    Case("prepare-compile", "prepare", "cogvideox-5b", S49, ("prepare.compile=true",), None,
+         targets={"clips_per_s": 1.5}, steps=16, warmup=0, note="VAE encoder compiled"),
+    Case("prepare-compile-batch2", "prepare", "cogvideox-5b", S49, ("prepare.compile=true", "prepare.batch_size=2"),
+         None, targets={"clips_per_s": 1.5}, steps=16, warmup=0, note="VAE encoder compiled, 2 clips per batch"),
 )
 
 SUITES: dict[str, tuple[Case, ...]] = {"issue7": ISSUE7, "issue10": ISSUE10, "issue17": ISSUE17, "smoke": SMOKE}
