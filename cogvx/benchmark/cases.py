@@ -181,8 +181,6 @@ ISSUE17: tuple[Case, ...] = (
          note="16 clips: decode + VAE + T5 + write; clips/s after the first batch"),
     Case("prepare-compile", "prepare", "cogvideox-5b", S49, ("prepare.compile=true",), None,
          targets={"clips_per_s": 1.5}, steps=16, warmup=0, note="VAE encoder compiled"),
-    Case("prepare-compile-batch2", "prepare", "cogvideox-5b", S49, ("prepare.compile=true", "prepare.batch_size=2"),
-         None, targets={"clips_per_s": 1.5}, steps=16, warmup=0, note="VAE encoder compiled, 2 clips per batch"),
 )
 
 SUITES: dict[str, tuple[Case, ...]] = {"issue7": ISSUE7, "issue10": ISSUE10, "issue17": ISSUE17, "smoke": SMOKE}
