@@ -33,6 +33,8 @@ def test_every_issue17_case_is_a_valid_config_and_the_headline_settings_are_all_
 def test_kernels_are_told_apart_by_name():
     assert kernel_category("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16") == "attn-cudnn"
     assert kernel_category("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64>>") == "attn-flash"
+    assert kernel_category("kernel_cutlass_kernel_flash_attncuteflash_fwd_sm90FlashAttentionForwardSm90_object_at_"
+                           "_tensorptrbf16gmemalign16o_1") == "attn-fa4"
     assert kernel_category("fmha_cutlassF_bf16_aligned_64x64_rf_sm80") == "attn-efficient"
     assert kernel_category("sm90_xmma_gemm_e4m3bf16_e4m3f32_f32_tn_n_tilesize128x128x128") == "gemm-fp8"
     assert kernel_category("nvjet_tst_192x192_64x3_2x1_v_bz_coopB_TNN") == "gemm"

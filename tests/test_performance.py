@@ -219,6 +219,8 @@ def test_attention_backend_holds_inside_compiled_blocks_and_the_backward_recompu
 def test_gpu_only_options_fail_with_a_message_on_cpu():
     with pytest.raises(CogvxError, match="cudnn needs a CUDA device"):
         set_attention_backend(tiny_lora_model(), "cudnn", torch.device("cpu"))
+    with pytest.raises(CogvxError, match="fa4 needs a CUDA GPU"):
+        set_attention_backend(tiny_lora_model(), "fa4", torch.device("cpu"))
     with pytest.raises(CogvxError, match="compute capability"):
         quantize_fp8_compute(tiny_lora_model(), torch.device("cpu"))
 
@@ -251,3 +253,37 @@ def test_real_architecture_step_with_every_option_on_gpu(tmp_path):
                 steps=2, warmup=1)
     result = run_case(case, tmp_path)
     assert result["device"] == "cuda" and math.isfinite(result["loss"])
+
+
+def test_fa4_adapter_passes_only_the_arguments_a_release_takes():
+    """torch's FA4 glue calls a module's _flash_attn_fwd/_bwd with its own keyword set: unset
+    ones a flash-attn-4 release lacks are dropped, a set one it lacks is refused by name."""
+    from cogvx.models.flash4 import _known_kwargs
+
+    def release_forward(q, k, v, softmax_scale=None, causal=False, return_lse=False):
+        return q
+
+    kwargs = {"softmax_scale": 0.125, "causal": False, "return_lse": True, "page_table": None, "num_splits": None}
+    assert _known_kwargs(release_forward, kwargs) == {"softmax_scale": 0.125, "causal": False, "return_lse": True}
+    with pytest.raises(CogvxError, match="does not take page_table"):
+        _known_kwargs(release_forward, {**kwargs, "page_table": torch.zeros(1)})
+
+
+@pytest.mark.slow
+@pytest.mark.gpu
+def test_fa4_backend_runs_flash_attention_4_kernels_and_matches_cudnn(tmp_path):
+    """train.attention_backend=fa4 on the 5b architecture at a small size, compiled: the profiled
+    step's attention kernels are FlashAttention-4's, and its loss is cuDNN's within bf16."""
+    pytest.importorskip("flash_attn.cute.interface", reason="flash-attn-4 is not installed")
+    from cogvx.benchmark.cases import Case
+    from cogvx.benchmark.worker import run_case
+
+    losses = {}
+    for backend in ("cudnn", "fa4"):
+        case = Case(f"gpu-5b-{backend}", "train", "cogvideox-5b", (9, 128, 192),
+                    ("train.lora.rank=16", "train.compile=blocks", f"train.attention_backend={backend}"),
+                    steps=1, warmup=1, profile=True)
+        result = run_case(case, tmp_path / backend)
+        losses[backend] = result["loss"]
+        assert result["profile"]["attention_backend_seen"] == f"attn-{backend}"
+    assert abs(losses["fa4"] - losses["cudnn"]) < 0.02 * abs(losses["cudnn"])

@@ -137,6 +137,7 @@ BALANCED = ("train.preset=balanced",)
 LEAN = ("train.preset=lean",)
 VALIDATE_QUICK = ("validate.num_inference_steps=2", "validate.guidance_scale=6.0", "validate.offload=model")
 S81 = (81, 768, 1360)
+FA4 = ("train.attention_backend=fa4",)
 ISSUE17: tuple[Case, ...] = (
     Case("5b-speed", "train", "cogvideox-5b", S49, LORA_64 + SPEED, "5b", targets={"time_ratio": 0.6},
          steps=4, warmup=2, profile=True, note="preset speed: fp8 storage + fp8 GEMMs, compiled, cuDNN, attention kept"),
@@ -177,6 +178,21 @@ ISSUE17: tuple[Case, ...] = (
          VALIDATION_50 + ("validate.compile=true", "validate.offload=model", "train.attention_backend=cudnn",
                           "validate.cache=first_block"),
          steps=1, warmup=1, note="as 5b-generate with diffusers' FirstBlockCache (validate.cache)"),
+    # FlashAttention-4 (train.attention_backend=fa4, flash-attn-4 installed on the GPU machine)
+    Case("5b-speed-fa4", "train", "cogvideox-5b", S49, LORA_64 + SPEED + FA4, "5b", targets={"time_ratio": 0.6},
+         steps=4, warmup=2, profile=True, note="preset speed with FlashAttention-4 kernels"),
+    Case("2b-speed-fa4", "train", "cogvideox-2b", S49, LORA_64 + SPEED + FA4, "2b", targets={"time_ratio": 0.6},
+         steps=4, warmup=2, profile=True, note="preset speed with FlashAttention-4 kernels"),
+    Case("5b-fa4-eager", "train", "cogvideox-5b", (9, 240, 368), LORA_64 + FA4, steps=1, warmup=1, profile=True,
+         note="kernel check: FlashAttention-4 asked, eager, small clip"),
+    Case("5b-generate-fa4", "generate", "cogvideox-5b", S49,
+         VALIDATION_50 + ("validate.compile=true", "validate.offload=model") + FA4,
+         targets={"seconds": 65.0, "peak_reserved_gib": 23.0}, steps=1, warmup=1, profile=True,
+         note="as 5b-generate with FlashAttention-4 kernels"),
+    Case("5b-generate-fp8-fa4", "generate", "cogvideox-5b", S49,
+         VALIDATION_50 + ("validate.compile=true", "validate.fp8_compute=true", "validate.offload=model") + FA4,
+         targets={"seconds": 60.0, "peak_reserved_gib": 23.0}, steps=1, warmup=1, profile=True,
+         note="as 5b-generate-fp8 with FlashAttention-4 kernels"),
     Case("prepare-eager", "prepare", "cogvideox-5b", S49, (), None, targets={"clips_per_s": 1.5}, steps=16, warmup=0,
          note="16 clips: decode + VAE + T5 + write; clips/s after the first batch"),
     Case("prepare-compile", "prepare", "cogvideox-5b", S49, ("prepare.compile=true",), None,

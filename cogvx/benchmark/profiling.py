@@ -7,7 +7,9 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any, Callable
 
-ATTENTION_BACKENDS = ("attn-cudnn", "attn-flash", "attn-efficient")
+ATTENTION_BACKENDS = ("attn-cudnn", "attn-flash", "attn-fa4", "attn-efficient")
+# FlashAttention-4 (CuTe DSL) kernels carry their Python module and class in the name.
+FA4_KEYS = ("flash_attncute", "flash_attn_cute", "flashattentionforwardsm", "flashattentionbackward")
 
 
 def kernel_category(name: str) -> str:
@@ -17,6 +19,8 @@ def kernel_category(name: str) -> str:
         return "attn-cudnn"
     if "implicit_gemm" in lowered or "nhwc" in lowered or "conv" in lowered:
         return "conv"  # cuDNN's convolutions (the patch embedding) are not attention
+    if any(key in lowered for key in FA4_KEYS):
+        return "attn-fa4"
     if "flash" in lowered:
         return "attn-flash"
     if "fmha" in lowered or "efficient" in lowered or "mem_eff" in lowered:

@@ -27,7 +27,8 @@ FP8_MAX = 448.0  # largest finite e4m3fn value
 # Layers kept in their own dtype: the LoRA branches (trained), norms and their modulation
 # (small, precision-sensitive), the embeddings in and the projection out (as diffusers skips them).
 FP8_SKIP = ("lora", "norm", "patch_embed", "pos_embed", "proj_out", "ofs_embed")
-SDPA_BACKENDS = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION",
+# fa4 is SDPA's flash backend with FlashAttention-4's kernels routed in (cogvx.models.flash4).
+SDPA_BACKENDS = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "fa4": "FLASH_ATTENTION",
                  "efficient": "EFFICIENT_ATTENTION", "math": "MATH"}
 
 
@@ -302,9 +303,17 @@ class BackendAttnProcessor:
 
 def set_attention_backend(transformer, name: str, device: torch.device) -> None:
     """Give every attention layer of the transformer the kernel ``name`` ('auto': diffusers'
-    own processor, torch picks the kernel). cudnn needs a CUDA device."""
+    own processor, torch picks the kernel). cudnn needs a CUDA device; fa4 a Hopper or
+    Blackwell GPU and the flash-attn-4 package (it takes over SDPA's flash backend in this
+    process; any other choice gives it back to FlashAttention-2)."""
+    from cogvx.models.flash4 import activate_fa4, deactivate_fa4
+
     if name == "cudnn" and device.type != "cuda":
         raise CogvxError("train.attention_backend = cudnn needs a CUDA device; use auto, flash or math on a CPU")
+    if name == "fa4":
+        activate_fa4(device)
+    elif device.type == "cuda":
+        deactivate_fa4()
     from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
 
     transformer.set_attn_processor(CogVideoXAttnProcessor2_0() if name == "auto" else BackendAttnProcessor(name))

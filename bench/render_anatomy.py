@@ -1,0 +1,121 @@
+"""Where a 5b render's time goes, piece by piece, at the real size with random weights: one
+classifier-free-guidance denoising step (batch 2, 49x480x720) eager and with compiled blocks,
+per attention kernel, bf16 and fp8 compute, with the compiled step's kernels by category; and
+the VAE decode of the 13 latent frames, tiled and untiled, with its peak memory. Prints a
+table and writes JSON. Run under a memory cap (--memory-cap-gib) to see what a 24 GB card does.
+
+    python bench/render_anatomy.py --memory-cap-gib 23 --out bench/results/render-anatomy-h200.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cogvx.benchmark.profiling import profile_kernels  # noqa: E402
+from cogvx.models.build import build_transformer, build_vae  # noqa: E402
+from cogvx.models.performance import compile_blocks, quantize_fp8_compute, set_attention_backend  # noqa: E402
+from cogvx.models.specs import get_spec  # noqa: E402
+from cogvx.training.objective import rotary_embeddings  # noqa: E402
+
+LATENT = (13, 16, 60, 90)  # [F, C, h, w] of 49x480x720
+
+
+def seconds_per_call(work, warmup: int = 2, repeat: int = 4) -> float:
+    for _ in range(warmup):
+        work()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        work()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def transformer_rows(device, backends: list[str]) -> list[dict]:
+    """One CFG step (batch 2) in each setting, eager then compiled, then fp8 compute."""
+    spec = get_spec("cogvideox-5b")
+    model = build_transformer(spec, torch.bfloat16, device).eval().requires_grad_(False)
+    latents = torch.randn(2, *LATENT, device=device, dtype=torch.bfloat16)  # [B, F, C, h, w]
+    text = torch.randn(2, 226, 4096, device=device, dtype=torch.bfloat16)  # [B, L, D]
+    rotary = rotary_embeddings(model, 480, 720, LATENT[0], device)
+    timestep = torch.tensor([500, 500], device=device)
+
+    def step():
+        with torch.no_grad():
+            model(hidden_states=latents, encoder_hidden_states=text, timestep=timestep,
+                  image_rotary_emb=rotary, return_dict=False)
+
+    rows = []
+    for backend in backends:
+        set_attention_backend(model, backend, device)
+        rows.append({"setting": f"eager {backend}", "s_per_step": seconds_per_call(step)})
+    compile_blocks(model)
+    for backend in backends:
+        set_attention_backend(model, backend, device)
+        rows.append({"setting": f"compiled {backend}", "s_per_step": seconds_per_call(step),
+                     "profile": profile_kernels(step)})
+    quantize_fp8_compute(model, device)
+    compile_blocks(model)
+    rows.append({"setting": f"compiled {backends[-1]} fp8", "s_per_step": seconds_per_call(step),
+                 "profile": profile_kernels(step)})
+    del model
+    torch.cuda.empty_cache()
+    return rows
+
+
+def vae_rows(device) -> list[dict]:
+    """The decode of one 49x480x720 clip's latents, tiled and untiled (peak memory of each)."""
+    vae = build_vae(get_spec("cogvideox-5b"), torch.bfloat16, device).eval().requires_grad_(False)
+    vae.enable_slicing()
+    latents = torch.randn(1, LATENT[1], LATENT[0], *LATENT[2:], device=device, dtype=torch.bfloat16)  # [B, C, F, h, w]
+    rows = []
+    for tiled in (True, False):
+        vae.enable_tiling() if tiled else vae.disable_tiling()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        try:
+            with torch.no_grad():
+                seconds = seconds_per_call(lambda: vae.decode(latents), warmup=1, repeat=2)
+            rows.append({"setting": f"vae decode {'tiled' if tiled else 'untiled'}", "s_per_step": seconds,
+                         "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30})
+        except torch.OutOfMemoryError:
+            rows.append({"setting": f"vae decode {'tiled' if tiled else 'untiled'}", "oom": True})
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("render-anatomy.json"))
+    parser.add_argument("--memory-cap-gib", type=float, default=None)
+    parser.add_argument("--backend", action="append", help="attention backends (default cudnn, fa4)")
+    parser.add_argument("--no-vae", action="store_true", help="leave out the VAE decode rows")
+    args = parser.parse_args()
+    device = torch.device("cuda", torch.cuda.current_device())
+    if args.memory_cap_gib:
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(args.memory_cap_gib * 2**30 / total, device)
+    rows = ([] if args.no_vae else vae_rows(device)) + transformer_rows(device, args.backend or ["cudnn", "fa4"])
+    args.out.write_text(json.dumps({"gpu": torch.cuda.get_device_name(device), "torch": torch.__version__,
+                                    "memory_cap_gib": args.memory_cap_gib, "rows": rows}, indent=2))
+    print(f"{'setting':28} {'s':>8}  GPU time by category")
+    for row in rows:
+        categories = (row.get("profile") or {}).get("by_category_s", {})
+        shown = ", ".join(f"{key} {value:.3f}" for key, value in categories.items() if value > 0.005)
+        extra = f"peak reserved {row['peak_reserved_gib']:.2f} GiB" if "peak_reserved_gib" in row else shown
+        print(f"{row['setting']:28} {row.get('s_per_step', float('nan')):8.3f}  {'OOM' if row.get('oom') else extra}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
