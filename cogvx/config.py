@@ -457,7 +457,19 @@ def check_consistency(config: Config) -> list[str]:
     for index, bucket in enumerate(config.data.buckets or []):
         frames[f"data.buckets[{index}] frames"] = bucket[0]
     return (_frame_problems(config.model.variant, frames) + _option_problems(config.train)
-            + _render_cache_problems(config))
+            + _render_cache_problems(config) + _render_placement_problems(config))
+
+
+def _render_placement_problems(config: Config) -> list[str]:
+    """validate.fp8_compute with offload hooks: torchao's fp8 weight tensors cannot be moved
+    between the CPU and the GPU by diffusers' offload hooks (on an H200: "Attempted to set the
+    storage of a tensor on device cuda:0 to a storage on different device cpu" at the first
+    move), so the render would fail after loading everything; refused up front instead."""
+    if config.validate_.fp8_compute and config.validate_.offload != "none":
+        return [f"validate.fp8_compute = true does not go with validate.offload = {config.validate_.offload}: "
+                "torchao's fp8 weights cannot be moved by the offload hooks; set validate.offload = none "
+                "(everything stays on the GPU) or validate.fp8_compute = false"]
+    return []
 
 
 def _render_cache_problems(config: Config) -> list[str]:

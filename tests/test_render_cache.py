@@ -167,3 +167,13 @@ def test_relative_difference():
     assert relative_difference(np.zeros(2), np.zeros(2)) == 0.0
     with pytest.raises(ValueError, match="shapes"):
         relative_difference(np.zeros(2), np.zeros(3))
+
+
+def test_fp8_render_with_offload_hooks_is_refused_before_loading(tiny_models):
+    """torchao's fp8 weights cannot be moved by the offload hooks (a crash at the first move on a
+    GPU): the combination is a config error naming the way out."""
+    model = tiny_models["tiny-t2v"]
+    for offload in ("model", "sequential"):
+        with pytest.raises(ConfigError, match=f"validate.offload = {offload}: .* set validate.offload = none"):
+            tiny_config(model, "validate.fp8_compute=true", f"validate.offload={offload}")
+    assert tiny_config(model, "validate.fp8_compute=true", "validate.offload=none").validate_.fp8_compute
