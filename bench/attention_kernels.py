@@ -48,12 +48,10 @@ def timed_ms(work, warmup: int = 3, repeat: int = 10) -> float:
 def use_backend(name: str, device) -> SDPBackend:
     """Select the kernel: fa4 routes SDPA's flash backend to FlashAttention-4."""
     from cogvx.models.flash4 import activate_fa4, deactivate_fa4
+    from cogvx.models.performance import sdpa_backend
 
-    if name == "fa4":
-        activate_fa4(device)
-        return SDPBackend.FLASH_ATTENTION
-    deactivate_fa4()
-    return {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[name]
+    activate_fa4(device) if name == "fa4" else deactivate_fa4()
+    return sdpa_backend(name)
 
 
 def accuracy(backend: SDPBackend, device) -> dict[str, float]:
