@@ -651,6 +651,10 @@ def main() -> None:
     except click.exceptions.Abort:
         err.print("aborted")
         sys.exit(130)
+    if not result:
+        from cogvx.distributed import close_process_group
+
+        close_process_group()  # only on success: a failed process must not wait for the others
     sys.exit(result if isinstance(result, int) else 0)
 
 

@@ -175,3 +175,16 @@ class Processes:
         from accelerate.utils import gather_object
 
         return gather_object([value])
+
+
+def close_process_group() -> None:
+    """End a launched command's process group: every process waits for the others, then leaves
+    the group. Leaving it to interpreter shutdown let a process that finished first abort
+    (SIGABRT in gloo's teardown) while the main process was still writing its summary."""
+    import torch
+
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+

@@ -35,7 +35,8 @@ def cogvx(*args: str, cwd: Path, timeout: int = 300, launch: list[str] | None = 
     prefix = [sys.executable, "-m", "accelerate.commands.launch", *launch] if launch else [sys.executable]
     done = subprocess.run([*prefix, "-m", "cogvx", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
-    ours = [line for line in done.stderr.splitlines() if "cogvx/" in line or "Error" in line]
+    clues = ("cogvx/", "Error", "terminate", "what()", "Signal")  # our frames, errors, C++ aborts
+    ours = [line for line in done.stderr.splitlines() if any(clue in line for clue in clues)]
     assert done.returncode == 0, "\n".join([*ours[-40:], done.stdout[-2000:], done.stderr[-2000:]])
     return done
 
