@@ -196,7 +196,21 @@ def run_generate(case: Case, workdir: Path, device: torch.device) -> dict[str, A
               "peak_reserved_gib": phase["peak_reserved_gib"], "phases": meter.phases}
     if phases is not None:
         result["render_phases"] = phases.summary(seconds)
+        result["profile"] = _render_kernels(pipe, config, request, device)
     return result
+
+
+def _render_kernels(pipe, config: Config, request, device: torch.device) -> dict[str, Any]:
+    """The kernels of a 2-step render (compiled already): which attention kernels the pipeline's
+    transformer really runs, under its offload hooks."""
+    from dataclasses import replace
+
+    from cogvx.benchmark.profiling import profile_kernels
+    from cogvx.generate import render_request
+
+    if device.type != "cuda":
+        return {}
+    return profile_kernels(lambda: render_request(pipe, config, replace(request, steps=2), device))
 
 
 def run_prepare_case(case: Case, workdir: Path, device: torch.device, clips: Path | None) -> dict[str, Any]:
