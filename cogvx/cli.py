@@ -12,6 +12,7 @@ import os
 import sys
 import warnings
 from contextlib import contextmanager
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -213,13 +214,14 @@ def data_synthetic(
     n: Annotated[int, typer.Option("--n", min=1, help="Number of clips.")] = 12,
     seed: Annotated[int, typer.Option(help="Seed of shapes, colours and motions.")] = 0,
     fps: Annotated[int, typer.Option(min=1, help="Frame rate of the clips.")] = 8,
+    control: Annotated[bool, typer.Option("--control", help="Also write a control video per clip (the moving shape's outline) and control_videos.txt, for data.control = file.")] = False,
 ) -> None:
     """Make short synthetic clips (moving coloured shapes) with matching captions."""
     from cogvx.data.synthetic import make_synthetic_dataset
 
     with err.status(f"writing {n} clips ..."):
-        make_synthetic_dataset(out_dir, n, seed=seed, fps=fps)
-    out.print(f"wrote {n} clips with captions to {out_dir}")
+        make_synthetic_dataset(out_dir, n, seed=seed, fps=fps, control=control)
+    out.print(f"wrote {n} clips with captions{' and control videos' if control else ''} to {out_dir}")
 
 
 @data_app.command("download")
@@ -359,6 +361,13 @@ def train(
         print_summary(f"trained {config.spec.key} ({config.train.method})", rows)
 
 
+class ControlKind(str, Enum):
+    """cogvx generate --control-kind: what the --control video is."""
+
+    file = "file"
+    canny = "canny"
+
+
 @app.command("generate")
 def generate(
     prompt: Annotated[Optional[str], typer.Option(help="What the video shows; default: the first validate.prompts entry.")] = None,
@@ -375,9 +384,11 @@ def generate(
     seed: Annotated[Optional[int], typer.Option(help="Seed of the sampling noise.")] = None,
     fps: Annotated[Optional[int], typer.Option(help="Frame rate of the mp4.")] = None,
     image: Annotated[Optional[Path], typer.Option(help="First frame, for image-to-video models.")] = None,
+    control: Annotated[Optional[Path], typer.Option(help="Control video steering a control model's render (a LoRA trained with data.control); its first frames are taken at the training rate, centre-cropped to the render size.")] = None,
+    control_kind: Annotated[Optional[ControlKind], typer.Option(help="What --control is: 'file' = the control video itself (edges, depth, pose), 'canny' = a clip whose Canny edges are computed; default: the kind the model was trained with.")] = None,
     overrides: OverridesArg = None, params: ParamsOption = None,
 ) -> None:
-    """Render a video with the base model, optionally with a trained LoRA."""
+    """Render a video with the base model, optionally with a trained LoRA (a control model with --control)."""
     extra = [f"validate.frames={frames}"] if frames else []
     extra += [f"validate.height={height}"] if height else []
     extra += [f"validate.width={width}"] if width else []
@@ -387,7 +398,8 @@ def generate(
 
     request = GenerateRequest(prompt=prompt or config.validate_.prompts[0], out=out_file, lora=lora,
                               lora_scale=lora_scale, transformer=transformer, weights=weights, steps=steps,
-                              guidance_scale=guidance, seed=seed, fps=fps, image=image)
+                              guidance_scale=guidance, seed=seed, fps=fps, image=image, control=control,
+                              control_kind=control_kind.value if control_kind else None)
     path = stages.generate(config, request, log=out.print)
     out.print(f"wrote {path}")
 

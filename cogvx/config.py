@@ -75,12 +75,18 @@ class DataConfig(Section):
     random_flip: float = Field(0.0, ge=0.0, le=1.0, description="Probability of flipping a clip horizontally, in [0, 1].")
     skip_invalid: bool = Field(False, description="Drop invalid samples (with a report) instead of stopping on them.")
     id_token: str | None = Field(None, description="Word prepended to every caption (e.g. a rare token naming your subject or style).")
+    control: Literal["none", "file", "canny"] = Field("none", description="Control video per clip (control training: the video steers layout and motion): 'file' = videos the user made (any depth / pose / edge estimator), listed in control_videos_file (txt layout) or control_column (CSV/JSON); 'canny' = computed by prepare from each clip (OpenCV Canny on every sampled frame); 'none' = no control.")
+    control_videos_file: str = Field("control_videos.txt", description="txt layout, data.control = file: one control video per line, aligned with videos_file.")
+    control_column: str = Field("control", description="CSV/JSON, data.control = file: column or key holding each clip's control video.")
+    canny_low: int = Field(100, ge=0, le=255, description="data.control = canny: lower hysteresis threshold of OpenCV's Canny (0-255 gradients).")
+    canny_high: int = Field(200, ge=1, le=255, description="data.control = canny: upper hysteresis threshold; must be above canny_low.")
     image_noise: bool = Field(True, description="Image-to-video: add pixel noise (sigma = exp(N(-3, 0.5))) to the first frame before encoding, as the reference trainers do.")
     synthetic_clips: int = Field(12, ge=1, description="Clips made when source is 'synthetic'.")
     seed: int = Field(0, ge=0, description="Seed of synthetic clips and of random crops, flips and frame windows.")
 
     _check_size = field_validator("height", "width")(_multiple_of_16)
-    _check_listing = field_validator("prompts_file", "videos_file", "images_file", "metadata_file")(_inside_data_root)
+    _check_listing = field_validator("prompts_file", "videos_file", "images_file", "control_videos_file",
+                                     "metadata_file")(_inside_data_root)
 
     def sample_fps(self, model_fps: int | None) -> int | None:
         """The rate frames are taken at: fps, or ``model_fps`` when fps is null; None when no rate
@@ -188,6 +194,8 @@ class TrainConfig(Section):
     checkpoints_total_limit: int | None = Field(3, ge=1, description="Keep at most this many checkpoints; null keeps all.")
     caption_dropout: float = Field(0.0, ge=0.0, le=1.0, description="Probability of training a sample with the empty caption (helps classifier-free guidance).")
     image_dropout: float = Field(0.05, ge=0.0, le=1.0, description="Image-to-video: probability of zeroing a sample's first-frame latents.")
+    control_dropout: float = Field(0.0, ge=0.0, le=1.0, description="Control training (data.control): probability of zeroing a sample's control latents, so the model also learns without one.")
+    control_weights: Literal["new", "all"] = Field("new", description="Control training: which input weights train besides the adapter: 'new' = only the zero-initialized weights of the control channels (the base model's input projection stays as it is); 'all' = the whole widened patch-embedding projection.")
     ignore_learned_positional_embeddings: bool = Field(False, description="Image-to-video 5b: ignore the learned positional embeddings fixed to 480x720, to train (and generate) at other sizes.")
     preset: Literal["none", "speed", "balanced", "lean"] = Field("none", description="Named memory/speed settings (GPU). LoRA: balanced = fp8_base_weights, compile blocks, cudnn attention; speed = balanced + fp8_compute + keep_attention_outputs (fastest, ~4.6 GiB more at 5b); lean = balanced + fp8_compute + activation_offload (least memory). Full fine-tuning: speed/balanced = optimizer cpu_offload_adamw, compile blocks, cudnn attention; lean adds activation_offload. The preset sets each of its fields still at the field's default; a field set to a non-default value keeps it (preset speed + attention_backend flash trains with flash). Training refuses a preset that cannot run on the GPU (CPU, fp8 below compute capability 8.9, estimated memory above the GPU's); `cogvx doctor` suggests one.")
     fp8_base_weights: bool = Field(False, description="LoRA: store the frozen base weights in fp8 (e4m3, one scale per output row) and upcast each layer to bf16 as it runs; halves their memory. LoRA layers, norms and embeddings stay in bf16.")
@@ -215,6 +223,7 @@ class ValidateConfig(Section):
     seed: int = Field(0, ge=0, description="Seed of the sampling noise.")
     offload: Literal["model", "sequential", "none"] = Field("model", description="GPU only: model = each component (T5, transformer, VAE) on the GPU only while it runs; sequential = layer by layer (least memory, slow); none = everything on the GPU (fastest, most memory).")
     vae_tiling: bool = Field(True, description="Decode in spatial tiles (GPU): a few GiB instead of tens at 480x720 and up, same output up to tile blending.")
+    control_videos: list[Path] = Field(default_factory=list, description="Control training: a control video per validation prompt (with data.control = canny, clips whose edges are taken); empty uses the control of the first training samples, in listing order.")
     compile: bool = Field(False, description="torch.compile the transformer blocks for rendering (cogvx generate; in training, train.compile decides); pays off from about 20 denoising steps.")
     fp8_compute: bool = Field(False, description="cogvx generate on a GPU of compute capability >= 8.9 (Ada, Hopper): fp8 weights and activations with per-row scales (torchao) in the transformer's linear layers, a LoRA fused first; faster matmuls and half the transformer's memory, a slight change in output.")
     cache: Literal["none", "first_block", "pyramid_broadcast", "faster"] = Field("none", description="Opt-in: diffusers' transformer caching for renders (in-training validation and cogvx generate), removed after each render so training is unchanged; faster renders at some change in output, the measured speedup is in the README. first_block = first-block cache (the other blocks are skipped while the first block's output changes less than cache_threshold); pyramid_broadcast = pyramid attention broadcast (each block's attention reused every other step between timesteps 100 and 800, diffusers' CogVideoX settings); faster = FasterCache (attention reused every other step below timestep 681, the unconditional guidance branch approximated from the conditional one, diffusers' CogVideoX settings; not with compiled blocks: validate.compile / train.compile); none = off.")
@@ -457,7 +466,35 @@ def check_consistency(config: Config) -> list[str]:
     for index, bucket in enumerate(config.data.buckets or []):
         frames[f"data.buckets[{index}] frames"] = bucket[0]
     return (_frame_problems(config.model.variant, frames) + _option_problems(config.train)
-            + _render_cache_problems(config) + _render_placement_problems(config))
+            + _render_cache_problems(config) + _render_placement_problems(config) + _control_problems(config))
+
+
+def _control_problems(config: Config) -> list[str]:
+    """data.control with what control training cannot do: image-to-video models (their input
+    already holds the image latents, and diffusers' CogVideoXFunControlPipeline, which renders
+    control models, splits the input in two halves), full fine-tuning, inverted Canny thresholds,
+    validation controls that do not pair with the prompts."""
+    data, validate, problems = config.data, config.validate_, []
+    if data.canny_high <= data.canny_low:
+        problems.append(f"data.canny_high = {data.canny_high} must be above data.canny_low = {data.canny_low}")
+    if validate.control_videos and len(validate.control_videos) != len(validate.prompts):
+        problems.append(f"validate.control_videos lists {len(validate.control_videos)} videos for "
+                        f"{len(validate.prompts)} validate.prompts: give one per prompt, or none")
+    if data.control == "none":
+        if validate.control_videos:
+            problems.append("validate.control_videos is set but data.control = none: set data.control "
+                            "(file or canny) to train a control model")
+        return problems
+    spec = config.spec
+    if spec.task != "t2v":
+        problems.append(f"data.control = {data.control} needs a text-to-video model: {spec.key} is image-to-video, "
+                        "its input already holds the image latents (diffusers' CogVideoXFunControlPipeline, "
+                        "which renders control models, has no image input); use the text-to-video model "
+                        "of the same family")
+    if config.train.method != "lora":
+        problems.append(f"data.control = {data.control} trains an adapter and the control input weights: "
+                        "set train.method = lora")
+    return problems
 
 
 def _render_placement_problems(config: Config) -> list[str]:

@@ -36,6 +36,8 @@ class GenerateRequest:
     seed: int | None = None
     fps: int | None = None
     image: Path | None = None
+    control: Path | None = None  # a control model's control video (or, with control_kind canny, a clip)
+    control_kind: str | None = None  # file / canny; None: the kind the model was trained with
 
 
 def lora_file(path: Path) -> Path:
@@ -99,19 +101,26 @@ def attach_lora(pipe, path: Path, scale: float, log=print, spec=None) -> dict:
     cannot read) through peft (:func:`cogvx.models.lora.load_lycoris`), under the same adapter
     name, so ``pipe.set_adapters`` changes the strength of either.
 
+    A control model's file also holds the widened input projection: it replaces the
+    transformer's before the adapter loads (:mod:`cogvx.models.control`).
+
     The file is read as safetensors whatever its name (``use_safetensors=True`` hands diffusers
     the file itself and turns off its pickle fallback, which otherwise picks ``torch.load`` for
     a name not ending in .safetensors); its header was checked before by read_lora_metadata.
     """
     from cogvx.models.lora import LYCORIS_KINDS, load_lycoris, read_lora_metadata
 
+    from cogvx.models.control import load_widened_projection, read_projection
+
     path = lora_file(path)
     meta = read_lora_metadata(path)
     check_lora_base(meta, spec, path, log)
+    if meta["control"]:
+        load_widened_projection(pipe.transformer, read_projection(path), str(path))
     if meta["kind"] in LYCORIS_KINDS:
         load_lycoris(pipe.transformer, path, meta, ADAPTER, scale)
     else:
-        _load_with_diffusers(pipe, path, scale)
+        _load_with_diffusers(pipe, path, scale, control=bool(meta["control"]))
     trained = meta["cogvx"].get("config", {}).get("train", {})
     if trained.get("ignore_learned_positional_embeddings"):
         from cogvx.models.positions import ignore_learned_positions
@@ -121,12 +130,22 @@ def attach_lora(pipe, path: Path, scale: float, log=print, spec=None) -> dict:
     return meta
 
 
-def _load_with_diffusers(pipe, path: Path, scale: float) -> None:
-    """A LoRA / DoRA file through diffusers' loader, as adapter ADAPTER at ``scale``."""
+def _load_with_diffusers(pipe, path: Path, scale: float, control: bool = False) -> None:
+    """A LoRA / DoRA file through diffusers' loader, as adapter ADAPTER at ``scale``. A control
+    model's file holds its input projection too, which load_lora_weights refuses (every key
+    must be a LoRA one): its LoRA part goes through the same two steps without it."""
     from safetensors import SafetensorError
 
+    from cogvx.models.control import PROJECTION_PREFIX
+
     try:
-        pipe.load_lora_weights(str(path), use_safetensors=True, adapter_name=ADAPTER)
+        if not control:
+            pipe.load_lora_weights(str(path), use_safetensors=True, adapter_name=ADAPTER)
+        else:
+            state, metadata = pipe.lora_state_dict(str(path), use_safetensors=True, return_lora_metadata=True)
+            state = {k: v for k, v in state.items() if not k.startswith(PROJECTION_PREFIX)}
+            pipe.load_lora_into_transformer(state, transformer=pipe.transformer, adapter_name=ADAPTER,
+                                            metadata=metadata, _pipeline=pipe)
     except (ValueError, KeyError, RuntimeError, SafetensorError) as err:
         raise CogvxError(f"{path} does not fit this model's transformer: {str(err).splitlines()[0][:200]}") from None
     pipe.set_adapters([ADAPTER], [scale])
@@ -156,6 +175,7 @@ def generation_pipeline(config: Config, request: GenerateRequest, log=print, tra
 
     spec, device = config.spec, pick_device()
     lora, transformer = resolve_weights(config, request)
+    control = check_control_request(request, lora, config)
     dtype = resolve_dtype(config.model.dtype, spec, device)
     skip = ("transformer",) if transformer_module is not None else ()
     pipe = load_pipeline(config.model_source, spec, dtype=dtype, revision=config.model.revision,
@@ -164,6 +184,11 @@ def generation_pipeline(config: Config, request: GenerateRequest, log=print, tra
         pipe.transformer = transformer_module
     if lora is not None:
         attach_lora(pipe, lora, request.lora_scale, log, spec=spec)
+    if control:
+        from cogvx.inference import as_control_pipeline
+
+        pipe = as_control_pipeline(pipe)
+        pipe.control_record = control
     validate = config.validate_
     set_attention_backend(pipe.transformer, config.train.attention_backend, device)
     if validate.fp8_compute:
@@ -172,6 +197,27 @@ def generation_pipeline(config: Config, request: GenerateRequest, log=print, tra
         log(f"render cache: {validate.cache} (diffusers; faster, output changes a little)")
     prepare_for_device(pipe, device, validate.offload, validate.vae_tiling, validate.compile)
     return pipe, device
+
+
+def check_control_request(request: GenerateRequest, lora: Path | None, config: Config) -> dict | None:
+    """A control model's record (None for any other), after checking, before any weight loads,
+    that the request and the weights agree: a control model needs a control video (--control,
+    else, with data.control set, the config's first validation control), --control needs a
+    control model, and the LoRA was trained on this kind of model."""
+    from cogvx.models.lora import read_lora_metadata
+
+    meta = read_lora_metadata(lora_file(lora)) if lora is not None else None
+    if meta is not None:
+        check_lora_base(meta, config.spec, lora_file(lora), log=lambda *_: None)  # attach_lora notes it
+    control = meta["control"] if meta is not None else None
+    if control and request.control is None and config.data.control == "none":
+        raise CogvxError(f"{lora} is a control model (trained with data.control = {control.get('kind')}): "
+                         "give its control video with --control VIDEO"
+                         + (" (a clip, with --control-kind canny, for its edges)" if control.get("kind") == "canny" else ""))
+    if request.control is not None and not control:
+        raise CogvxError("--control needs a control model: a LoRA trained with data.control "
+                         f"({'this one was not' if lora is not None else 'give it with --lora or --weights'})")
+    return control
 
 
 def request_guidance(config: Config, request: GenerateRequest) -> float:
@@ -205,14 +251,30 @@ def render_request(pipe, config: Config, request: GenerateRequest, device, log=p
 
     validate, size = config.validate_, request_settings(config, request)
     image = Image.open(request.image).convert("RGB") if request.image else None
+    control = None
+    trained = getattr(pipe, "control_record", None)
+    if trained:
+        from cogvx.inference import control_frames, validation_controls
+
+        path = request.control or validation_controls(config)[0]
+        if request.control is None:
+            log(f"control video: {path} (the first validation control; --control VIDEO picks another)")
+        kind = request.control_kind or (trained.get("kind") if request.control else config.data.control) or "file"
+        control = control_frames(path, kind, size, _with_canny(config, trained))
     video = render(pipe, request.prompt, frames=size.frames, height=size.height, width=size.width,
                    steps=request.steps or validate.num_inference_steps,
                    guidance_scale=request_guidance(config, request),
-                   seed=validate.seed if request.seed is None else request.seed, image=image)
+                   seed=validate.seed if request.seed is None else request.seed, image=image, control=control)
     if video.shape[0] != size.frames:
         log(f"note: the pipeline returned {video.shape[0]} frames for {size.frames} asked "
             "(CogVideoX 1.0 decodes exactly when (frames - 1) / 4 + 1 is odd, e.g. 9, 17, 25, 49)")
     return video
+
+
+def _with_canny(config: Config, trained: dict) -> Config:
+    """``config`` with the Canny thresholds the control model was trained with (its file's record)."""
+    low, high = trained.get("canny") or (config.data.canny_low, config.data.canny_high)
+    return config.model_copy(update={"data": config.data.model_copy(update={"canny_low": low, "canny_high": high})})
 
 
 def generate(config: Config, request: GenerateRequest, log=print) -> Path:

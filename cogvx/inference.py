@@ -167,16 +167,81 @@ def placeholder_image(height: int, width: int) -> Image.Image:
 
 
 def render(pipe, prompt: str, *, frames: int, height: int, width: int, steps: int,
-           guidance_scale: float, seed: int, image: Image.Image | None = None) -> np.ndarray:
-    """Sample one video; returns uint8 frames shaped [F, H, W, 3]."""
+           guidance_scale: float, seed: int, image: Image.Image | None = None,
+           control: list[Image.Image] | None = None) -> np.ndarray:
+    """Sample one video; returns uint8 frames shaped [F, H, W, 3]. A control pipeline takes its
+    frame count from ``control`` (one frame per rendered frame: :func:`control_frames`)."""
     kwargs = dict(prompt=prompt, num_frames=frames, height=height, width=width,
                   num_inference_steps=steps, guidance_scale=guidance_scale,
                   generator=torch.Generator("cpu").manual_seed(seed), output_type="np")
-    if "image" in inspect.signature(pipe.__call__).parameters:
+    parameters = inspect.signature(pipe.__call__).parameters
+    if "image" in parameters:
         kwargs["image"] = image if image is not None else placeholder_image(height, width)
+    if "control_video" in parameters:
+        if not control:
+            raise CogvxError("this is a control model: it renders from a control video (cogvx generate --control VIDEO)")
+        del kwargs["num_frames"]
+        kwargs["control_video"] = control
     with torch.inference_mode():
         video = pipe(**kwargs).frames[0]  # [F, H, W, 3] floats in [0, 1]
     return (np.clip(video, 0.0, 1.0) * 255).round().astype(np.uint8)
+
+
+def as_control_pipeline(pipe):
+    """The same components (the transformer widened for control) in cogvx's ControlPipeline,
+    diffusers' CogVideoXFunControlPipeline with 1.5's temporal padding."""
+    from cogvx.models.control_pipeline import ControlPipeline
+
+    control = ControlPipeline(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, vae=pipe.vae,
+                              transformer=pipe.transformer, scheduler=pipe.scheduler)
+    control.set_progress_bar_config(disable=None)  # the denoising bar on a terminal only, as load_pipeline sets it
+    return control
+
+
+def validation_controls(config: Config) -> list[Path]:
+    """The control video of each validation prompt (none without data.control): those of
+    validate.control_videos, else the first training samples' (their control videos; their clips
+    with data.control = canny, whose edges are taken), in listing order, repeated as needed."""
+    from cogvx.data.listing import read_samples
+
+    data, prompts = config.data, config.validate_.prompts
+    if data.control == "none" or not prompts:
+        return []
+    if config.validate_.control_videos:
+        return list(config.validate_.control_videos)
+    samples, _ = read_samples(data)
+    sources = [sample.control if data.control == "file" else sample.video for sample in samples]
+    sources = [path for path in sources if path is not None]
+    if not sources:
+        raise CogvxError(f"validation renders a control model from a control video per prompt, and {data.data_root} "
+                         "lists none: set validate.control_videos (one per validate.prompts entry)")
+    return [sources[index % len(sources)] for index in range(len(prompts))]
+
+
+def control_frames(path: str | Path, kind: str, size: RenderSettings, config: Config) -> list[Image.Image]:
+    """The control video of a render: ``size.frames`` frames of ``path`` taken as training takes
+    a clip's (from the start, at the training rate), centre-cropped to the render size; with
+    ``kind`` canny, the Canny edges of those frames (data.canny_low / canny_high), as prepare
+    makes them. A video that cannot give them is a CogvxError saying why."""
+    from cogvx.data.control import canny_video
+    from cogvx.data.video import file_problem, load_clip, probe_video, usable_frame_count
+
+    path = Path(path)
+    problem = file_problem(path, what="control video")
+    if problem:
+        raise CogvxError(f"control video {path}: {problem}")
+    info = probe_video(path)
+    fps = config.sample_fps
+    usable = usable_frame_count(info, fps)
+    if usable < size.frames:
+        rate = f" at {fps} fps" if fps else ""
+        raise CogvxError(f"control video {path}: {usable} frames{rate}, the render needs {size.frames}: "
+                         "use a longer control video or render fewer frames (--frames)")
+    video = load_clip(path, info, size.frames, size.height, size.width, target_fps=fps)  # [F, C, H, W] in [-1, 1]
+    if kind == "canny":
+        video = canny_video(video, config.data.canny_low, config.data.canny_high)
+    pixels = ((video.permute(0, 2, 3, 1) + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)  # [F, H, W, C]
+    return [Image.fromarray(frame) for frame in pixels.numpy()]
 
 
 def write_video(frames: np.ndarray, path: str | Path, fps: int) -> Path:

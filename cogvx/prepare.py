@@ -45,11 +45,13 @@ class Plan:
     video_key: str
     text_key: str
     crop_seed: int
+    control: Path | None = None  # data.control = file: the sample's control video
 
     def manifest_entry(self) -> dict[str, Any]:
         """This sample's entry in the manifest."""
         return manifest_entry(origin=self.origin, video=self.video_rel, caption=self.caption, image=self.image,
-                              bucket=self.bucket, video_key=self.video_key, text_key=self.text_key)
+                              bucket=self.bucket, video_key=self.video_key, text_key=self.text_key,
+                              control=self.control)
 
 
 @dataclass
@@ -103,7 +105,7 @@ def plan_samples(samples, infos, config: Config, folder: Path) -> list[Plan]:
     data, fps = config.data, config.sample_fps
     vae_id = content_key(**model_identity(folder, "vae"))
     encoder_id = text_encoder_id(folder)
-    conditioning = conditioning_for(config.spec)
+    conditioning = conditioning_for(config.spec, data)
     plans = []
     for sample in samples:
         info = infos[sample.video]
@@ -115,11 +117,12 @@ def plan_samples(samples, infos, config: Config, folder: Path) -> list[Plan]:
             clip=file_sha256(sample.video), bucket=str(bucket), fps=fps, sampling=data.frame_sampling,
             skip=(data.skip_frames_start, data.skip_frames_end), mode=data.resize_mode,
             flip=data.random_flip, crop_seed=crop_seed, vae=vae_id, dtype=config.model.dtype,
-            **conditioning.key_fields(sample.image, data))
+            **conditioning.key_fields(sample, data))
         caption = f"{data.id_token} {sample.caption}" if data.id_token else sample.caption
         plans.append(Plan(origin=sample.origin, video=sample.video, video_rel=sample.video_rel,
                           image=sample.image, caption=caption, bucket=bucket, video_key=video_key,
-                          text_key=text_key(caption, encoder_id, config), crop_seed=crop_seed))
+                          text_key=text_key(caption, encoder_id, config), crop_seed=crop_seed,
+                          control=getattr(sample, "control", None)))
     return plans
 
 
@@ -197,23 +200,29 @@ class ClipDataset(torch.utils.data.Dataset):
     def __init__(self, plans: list[Plan], infos, config: Config) -> None:
         self.plans, self.infos, self.data = plans, infos, config.data
         self.fps = config.sample_fps
-        self.conditioning = conditioning_for(config.spec)
+        self.conditioning = conditioning_for(config.spec, config.data)
 
     def __len__(self) -> int:
         return len(self.plans)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        plan = self.plans[index]
+        video = self._read_like(plan, plan.video)  # [F, C, H, W]
+        extras = self.conditioning.make_pixels(video, plan, self.data, lambda path: self._read_like(plan, path))
+        return {"key": plan.video_key, "video": video, **extras}  # extras: e.g. image [1, C, H, W]
+
+    def _read_like(self, plan: Plan, path: Path) -> torch.Tensor:
+        """A video of ``plan`` (its clip, or its control video) as the clip is read: the same frame
+        window, crop and flip (a fresh generator with the plan's seed draws the same numbers)."""
         from cogvx.data.video import load_clip
 
-        plan, data = self.plans[index], self.data
+        data = self.data
         generator = torch.Generator().manual_seed(plan.crop_seed)
-        video = load_clip(plan.video, self.infos[plan.video], plan.bucket.frames, plan.bucket.height,
-                          plan.bucket.width, target_fps=self.fps, skip_start=data.skip_frames_start,
-                          skip_end=data.skip_frames_end, mode=data.resize_mode,
-                          flip_probability=data.random_flip, generator=generator,
-                          frame_sampling=data.frame_sampling, sample_seed=plan.crop_seed)  # [F, C, H, W]
-        extras = self.conditioning.make_pixels(video, plan.image, plan.bucket, data, plan.crop_seed)
-        return {"key": plan.video_key, "video": video, **extras}  # extras: e.g. image [1, C, H, W]
+        return load_clip(path, self.infos[path], plan.bucket.frames, plan.bucket.height,
+                         plan.bucket.width, target_fps=self.fps, skip_start=data.skip_frames_start,
+                         skip_end=data.skip_frames_end, mode=data.resize_mode,
+                         flip_probability=data.random_flip, generator=generator,
+                         frame_sampling=data.frame_sampling, sample_seed=plan.crop_seed)  # [F, C, H, W]
 
 
 def encode_videos(pipe, plans: list[Plan], infos, config: Config, out: Path, device, dtype, progress,
@@ -338,7 +347,7 @@ def prepare_latents(config: Config, prune: bool = False, log=print) -> PrepareSu
         (out / "texts").mkdir(parents=True, exist_ok=True)
         remove_partial_files(out)
     processes.wait()  # no process looks for missing files before the leftovers are gone
-    names = conditioning_for(spec).video_tensors
+    names = conditioning_for(spec, config.data).video_tensors
     todo_videos = list({p.video_key: p for p in plans if not is_complete(video_file(out, p.video_key), names)}.values())
     empty_key = text_key("", text_encoder_id(folder), config)  # for caption dropout
     captions = {empty_key: "", **{p.text_key: p.caption for p in plans}}

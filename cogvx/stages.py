@@ -70,7 +70,8 @@ def download(config: Config) -> Path:
 
     data = config.data
     return Path(fetch_dataset(data.source, data.data_root, revision=data.revision,
-                              synthetic_clips=data.synthetic_clips, seed=data.seed))
+                              synthetic_clips=data.synthetic_clips, seed=data.seed,
+                              synthetic_controls=data.control == "file"))
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -51,17 +52,19 @@ def test_prepare_writes_exactly_the_tensors_the_conditioning_names(variant, one_
 def test_content_key_fields_and_first_frame_pixels():
     data = load_config(None, ["data.image_noise=false"]).data
     video = torch.rand(9, 3, 64, 96) * 2 - 1  # [F, C, H, W]
-    bucket = Bucket(9, 64, 96)
-    assert TextToVideo().key_fields(None, data) == {"image": None, "image_noise": None}
-    assert TextToVideo().make_pixels(video, None, bucket, data, 0) == {}
+    plan = SimpleNamespace(image=None, control=None, bucket=Bucket(9, 64, 96), crop_seed=0)
+    unread = lambda path: pytest.fail(f"read {path}")  # noqa: E731: no other video is read here
+    assert TextToVideo().key_fields(plan, data) == {"image": None, "image_noise": None}
+    assert TextToVideo().make_pixels(video, plan, data, unread) == {}
     image_to_video = conditioning_for(get_spec("tiny-1.5-i2v"))
     assert image_to_video == ImageToVideo(invert_scale_latents=True) and image_to_video.makes_image
-    assert image_to_video.key_fields(None, data) == {"image": "first-frame", "image_noise": False}
-    assert torch.equal(image_to_video.make_pixels(video, None, bucket, data, 0)["image"], video[:1])
+    assert image_to_video.key_fields(plan, data) == {"image": "first-frame", "image_noise": False}
+    assert torch.equal(image_to_video.make_pixels(video, plan, data, unread)["image"], video[:1])
     noisy = load_config(None, ["data.image_noise=true"]).data
-    first = image_to_video.make_pixels(video, None, bucket, noisy, 7)["image"]  # [1, C, H, W]
+    seeded = SimpleNamespace(**{**vars(plan), "crop_seed": 7})
+    first = image_to_video.make_pixels(video, seeded, noisy, unread)["image"]  # [1, C, H, W]
     assert first.shape == (1, 3, 64, 96) and not torch.equal(first, video[:1])
-    assert torch.equal(first, image_to_video.make_pixels(video, None, bucket, noisy, 7)["image"])  # seeded
+    assert torch.equal(first, image_to_video.make_pixels(video, seeded, noisy, unread)["image"])  # seeded
 
 
 class RecordingDraws:
@@ -90,7 +93,8 @@ def test_transformer_inputs_draw_in_a_fixed_order(variant, tiny_models):
     latents = torch.zeros(2, frames, 16, 8, 12)  # [B, F, C, h, w]
     batch = {"image_latent_mean": torch.ones(2, 1, 16, 8, 12), "image_latent_logvar": torch.full((2, 1, 16, 8, 12), -30.0)}
     draws = RecordingDraws()
-    extra = conditioning_for(spec).transformer_inputs(batch, latents, transformer, 0.7, draws, 0.0, torch.device("cpu"))
+    train = load_config(None, []).train  # image_dropout 0.05: the draw happens whatever the value
+    extra = conditioning_for(spec).transformer_inputs(batch, latents, transformer, 0.7, draws, train, torch.device("cpu"))
     if spec.task == "t2v":
         assert extra == {} and draws.calls == []
         return

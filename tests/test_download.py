@@ -235,7 +235,7 @@ def test_synthetic_is_built_once_per_count_and_seed(tmp_path, monkeypatch):
     """With a stand-in generator: same n and seed build once; another seed rebuilds."""
     calls = []
 
-    def fake_make(out_dir, n, seed=0, fps=8):
+    def fake_make(out_dir, n, seed=0, fps=8, control=False):
         calls.append((n, seed))
         make_source(Path(out_dir))
         return Path(out_dir)

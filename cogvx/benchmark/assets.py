@@ -89,7 +89,8 @@ def _diffusers_version() -> str:
 def write_random_latents(config: Config, root: Path, samples: int = 2, seed: int = 0) -> Path:
     """``samples`` entries of random latents at the config's first bucket, in prepare's layout
     (the latents format's own writer and manifest): the clip's posterior, the conditioning's
-    (one latent frame each, e.g. the first-frame image), and a caption embedding per sample."""
+    (one latent frame for the first-frame image, every frame for a control video), and a caption
+    embedding per sample."""
     from cogvx.data.latents import (TEXT_TENSORS, VIDEO_LATENT, build_manifest, manifest_entry, posterior_tensors,
                                     save_tensors, text_file, video_file, write_manifest)
     from cogvx.hashing import content_key
@@ -104,13 +105,15 @@ def write_random_latents(config: Config, root: Path, samples: int = 2, seed: int
     (text_name,) = TEXT_TENSORS
     empty_key = content_key(bench="empty", shape=text_shape)
     save_tensors(text_file(root, empty_key), {text_name: torch.zeros(text_shape)})
-    latents = [VIDEO_LATENT, *(latent for _, latent in conditioning_for(spec).extra_latents)]
+    conditioning = conditioning_for(spec, config.data)
+    latents = [VIDEO_LATENT, *(latent for _, latent in conditioning.extra_latents)]
+    per_frame = {VIDEO_LATENT, *(latent for pixels, latent in conditioning.extra_latents if pixels != "image")}
     entries = []
     for index in range(samples):
         key = content_key(bench=index, seed=seed, shape=latent_shape, task=spec.task)
         tensors = {}
         for latent in latents:
-            shape = latent_shape if latent == VIDEO_LATENT else (1, *latent_shape[1:])  # [F', C, h, w] or [1, C, h, w]
+            shape = latent_shape if latent in per_frame else (1, *latent_shape[1:])  # [F', C, h, w] or [1, C, h, w]
             mean_name, logvar_name = posterior_tensors(latent)
             tensors |= {mean_name: torch.randn(shape, generator=generator), logvar_name: torch.full(shape, -6.0)}
         save_tensors(video_file(root, key), tensors)

@@ -50,17 +50,18 @@ class DatasetNotAvailableError(CogvxError):
 
 
 def fetch_dataset(source: str, data_root: Path, *, revision: str | None = None,
-                  synthetic_clips: int = 12, seed: int = 0) -> Path:
+                  synthetic_clips: int = 12, seed: int = 0, synthetic_controls: bool = False) -> Path:
     """Put the data set named by ``source`` into ``data_root`` and return ``data_root``.
 
     Does nothing when ``data_root`` already holds a complete copy of the same source. ``revision``
-    only applies to hub ids; ``synthetic_clips`` and ``seed`` only to ``source == "synthetic"``.
+    only applies to hub ids; ``synthetic_clips``, ``seed`` and ``synthetic_controls`` (a control
+    video per clip, for data.control = file) only to ``source == "synthetic"``.
     An existing local path wins over the hub-id reading of ``source``.
     """
     data_root = Path(data_root).expanduser()
     root = data_root.resolve()  # a symlinked data_root is filled where it points
     if source == "synthetic":
-        _fetch_synthetic(root, synthetic_clips, seed)
+        _fetch_synthetic(root, synthetic_clips, seed, synthetic_controls)
         return data_root
     path = Path(source).expanduser()
     if path.is_dir():
@@ -127,18 +128,20 @@ def _check_no_overlap(source: Path, data_root: Path) -> None:
 # ----------------------------------------------------------------------------- synthetic clips
 
 
-def _fetch_synthetic(data_root: Path, clips: int, seed: int) -> None:
-    """Generate ``clips`` clips with ``seed`` unless data_root already holds exactly those."""
+def _fetch_synthetic(data_root: Path, clips: int, seed: int, controls: bool = False) -> None:
+    """Generate ``clips`` clips with ``seed`` (and control videos) unless data_root already holds exactly those."""
     if clips < 1:
         raise ConfigError(f"data.synthetic_clips = {clips}; it must be at least 1")
     identity = {"kind": "synthetic", "clips": clips, "seed": seed}
+    if controls:
+        identity["controls"] = True  # absent otherwise: folders made before controls existed stay current
     if _is_current(data_root, identity) and _listed_files_exist(data_root):
         return
     _check_replaceable(data_root)
     from cogvx.data.synthetic import make_synthetic_dataset
 
     with atomic_directory(data_root) as staging:
-        make_synthetic_dataset(staging, clips, seed=seed)
+        make_synthetic_dataset(staging, clips, seed=seed, control=controls)
         _write_marker(staging, identity)
 
 

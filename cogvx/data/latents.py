@@ -5,7 +5,9 @@ Layout of ``prepare.output_dir``::
     manifest.json              what was prepared, for which model and buckets (see build_manifest)
     videos/<key>.safetensors   VAE posterior of one clip: latent_mean, latent_logvar [F, C, h, w]
                                (+ the task's conditioning, e.g. image_latent_mean,
-                               image_latent_logvar [1, C, h, w] for I2V: cogvx.models.conditioning)
+                               image_latent_logvar [1, C, h, w] for I2V, control_latent_mean,
+                               control_latent_logvar [F, C, h, w] with data.control:
+                               cogvx.models.conditioning)
     texts/<key>.safetensors    T5 embedding of one caption: prompt_embeds [L, D]
 
 Keys are content hashes of everything that went into a file, so a file is reused exactly when
@@ -46,8 +48,10 @@ def posterior_tensors(latent: str) -> tuple[str, str]:
 
 VIDEO_LATENT = "latent"  # the clip, in every videos/ file
 IMAGE_LATENT = "image_latent"  # the first-frame image, image-to-video only
+CONTROL_LATENT = "control_latent"  # the control video, control training only (data.control)
 VIDEO_TENSORS = posterior_tensors(VIDEO_LATENT)
 IMAGE_TENSORS = posterior_tensors(IMAGE_LATENT)
+CONTROL_TENSORS = posterior_tensors(CONTROL_LATENT)
 TEXT_TENSORS = ("prompt_embeds",)  # the caption, in every texts/ file
 
 
@@ -113,11 +117,14 @@ def prune_unreferenced(root: Path) -> int:
 
 
 def manifest_entry(*, origin: str, video: str, caption: str, image: Path | None, bucket: Bucket,
-                   video_key: str, text_key: str) -> dict[str, Any]:
+                   video_key: str, text_key: str, control: Path | None = None) -> dict[str, Any]:
     """One sample's manifest entry: where it came from, its bucket, and the keys of its two files."""
-    return {"origin": origin, "video": video, "caption": caption, "image": str(image) if image else None,
-            "bucket": str(bucket), "frames": bucket.frames, "latent_frames": latent_frame_count(bucket.frames),
-            "video_key": video_key, "text_key": text_key}
+    entry = {"origin": origin, "video": video, "caption": caption, "image": str(image) if image else None,
+             "bucket": str(bucket), "frames": bucket.frames, "latent_frames": latent_frame_count(bucket.frames),
+             "video_key": video_key, "text_key": text_key}
+    if control is not None:
+        entry["control"] = str(control)
+    return entry
 
 
 def build_manifest(config: Config, entries: list[dict[str, Any]], source: str, empty_key: str) -> dict[str, Any]:
@@ -132,6 +139,7 @@ def build_manifest(config: Config, entries: list[dict[str, Any]], source: str, e
                   "invert_scale_latents": spec.invert_scale_latents},
         "buckets": sorted({entry["bucket"] for entry in entries}),
         "empty_text_key": empty_key,
+        "control": config.data.control,
         "prepare": config.prepare.model_dump(mode="json"),
         "data": config.data.model_dump(mode="json"),
         "entries": entries,
@@ -170,6 +178,9 @@ def check_manifest(manifest: dict[str, Any], config: Config, root: Path) -> None
                         ("invert_scale_latents", spec.invert_scale_latents), ("task", spec.task)):
         if model.get(key) != wanted:
             problems.append(f"model {key}: latents have {model.get(key)!r}, this run needs {wanted!r}")
+    control = manifest.get("control", "none")
+    if control != config.data.control:
+        problems.append(f"data.control: latents were prepared with {control!r}, this run has {config.data.control!r}")
     recorded = {entry["bucket"] for entry in manifest["entries"]}
     if config.names_buckets:
         allowed = {str(bucket) for bucket in config.buckets}
@@ -214,7 +225,8 @@ class LatentDataset(torch.utils.data.Dataset):
         # Lazily: the conditioning module reads this module's tensor names.
         from cogvx.models.conditioning import conditioning_for
 
-        self.conditioning = conditioning_for(config.spec)  # check_manifest: the latents' task is the spec's
+        # check_manifest: the latents' task and control are the run's
+        self.conditioning = conditioning_for(config.spec, config.data)
         self.has_images = self.conditioning.makes_image
         self.empty_prompt_embeds = self._load(text_file(self.root, manifest["empty_text_key"]))["prompt_embeds"]
 

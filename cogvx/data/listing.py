@@ -1,8 +1,10 @@
-"""Reading a data set's listing: which clips, captions and images it names, before any clip is opened.
+"""Reading a data set's listing: which clips, captions, images and control videos it names,
+before any clip is opened.
 
 A data set is a folder (``data.data_root``) holding clips and a listing of them, in one of three
-layouts: ``prompts.txt`` + ``videos.txt`` (+ optional ``images.txt``), a CSV file, or a JSON list /
-JSONL file. :func:`read_samples` parses the listing into samples and collects every problem
+layouts: ``prompts.txt`` + ``videos.txt`` (+ optional ``images.txt``, + ``control_videos.txt``
+with data.control = file), a CSV file, or a JSON list / JSONL file (with a control column / key
+with data.control = file). :func:`read_samples` parses the listing into samples and collects every problem
 (encoding, control characters, missing columns, count mismatches) without raising; checking the
 clips themselves is :mod:`cogvx.data.validation`'s job.
 """
@@ -27,7 +29,8 @@ METADATA_NAMES = ("metadata.csv", "metadata.jsonl", "metadata.json")
 
 @dataclass(frozen=True)
 class Sample:
-    """One training example: a caption, its clip and an optional first-frame image."""
+    """One training example: a caption, its clip, an optional first-frame image and (data.control
+    = file) the control video that steers it; ``*_rel`` are the paths as listed."""
 
     caption: str
     video: Path
@@ -35,6 +38,8 @@ class Sample:
     origin: str
     video_rel: str
     image_rel: str | None = None
+    control: Path | None = None
+    control_rel: str | None = None
 
 
 @dataclass(frozen=True)
@@ -175,13 +180,54 @@ def _control_problem(caption: str, video_rel: str, image_rel: str | None,
     return None
 
 
+@dataclass(frozen=True)
+class _ListedControl:
+    """The control video a listing line names (data.control = file), before it is checked.
+
+    ``value`` is the raw value (None when the line, cell or key is missing), ``label`` how
+    messages call its field ("control_videos.txt line", "'control' column") and ``origin``
+    where it is when that is not the sample's own line ("control_videos.txt:3").
+    """
+
+    value: Any
+    label: str
+    origin: str | None = None
+
+
+def _control_video_rel(control: _ListedControl, origin: str, video_rel: str,
+                       problems: list[Problem]) -> str | None:
+    """The control video path as listed, or None with a problem: not a string, empty or missing,
+    or holding a control character (an undecodable value was reported when it was read)."""
+    where = control.origin or origin
+    if control.value is not None and not isinstance(control.value, str):
+        problems.append(Problem(where, f"{control.label} for {video_rel} must be a string (a control "
+                                f"video path), got {json.dumps(control.value)}", video=video_rel))
+        return None
+    rel = (control.value or "").strip()
+    if not _is_clean(rel):
+        return None
+    if not rel:
+        problems.append(Problem(where, f"no control video for {video_rel} ({control.label} is empty or "
+                                "missing); data.control=file needs one control video per clip, or set "
+                                "data.control=canny to compute them from the clips", video=video_rel))
+        return None
+    found = _control_character(rel, frozenset())
+    if found:
+        problems.append(Problem(where, f"control video path ({control.label}) contains a control "
+                                f"character ({found}); remove it", video=video_rel))
+        return None
+    return rel
+
+
 def _make_sample(root: Path, caption: Any, video: Any, image: Any, origin: str,
                  names: tuple[str, str], problems: list[Problem],
-                 caption_origin: str | None = None) -> Sample | None:
+                 caption_origin: str | None = None,
+                 control: _ListedControl | None = None) -> Sample | None:
     """A Sample from raw listing values, or None (with a problem) when one cannot be formed.
 
     ``names`` are how the caption and the video field are called in messages ("'caption'
     column", "videos.txt line"). Values that are not strings are problems, not crashes.
+    ``control`` is given when data.control = file: the sample then needs a control video.
     """
     for value, label in ((caption, names[0]), (video, names[1])):
         if value is not None and not isinstance(value, str):
@@ -198,9 +244,9 @@ def _make_sample(root: Path, caption: Any, video: Any, image: Any, origin: str,
     if not video_rel:
         problems.append(Problem(origin, f"empty {names[1]} (no clip path)"))
         return None
-    control = _control_problem(caption_text, video_rel, image_rel, names)
-    if control:
-        about_caption, message = control
+    character = _control_problem(caption_text, video_rel, image_rel, names)
+    if character:
+        about_caption, message = character
         problems.append(Problem((caption_origin or origin) if about_caption else origin, message,
                                 video=video_rel))
         return None
@@ -213,15 +259,55 @@ def _make_sample(root: Path, caption: Any, video: Any, image: Any, origin: str,
                                 f"{len(caption_text):,} characters; over {MAX_CAPTION_CHARS:,} is refused "
                                 "(T5 reads 226 tokens; a caption this long is a broken listing)", video=video_rel))
         return None
+    control_rel = _control_video_rel(control, origin, video_rel, problems) if control is not None else None
+    if control is not None and control_rel is None:
+        return None
     return Sample(caption=caption_text, video=resolve_path(root / video_rel),
                   image=resolve_path(root / image_rel) if image_rel else None,
-                  origin=origin, video_rel=video_rel, image_rel=image_rel)
+                  origin=origin, video_rel=video_rel, image_rel=image_rel,
+                  control=resolve_path(root / control_rel) if control_rel else None,
+                  control_rel=control_rel)
+
+
+def _txt_names(data: DataConfig) -> dict[str, str | None]:
+    """The txt layout's listing files by role; "control" is None unless data.control = file."""
+    return {"prompts": data.prompts_file, "videos": data.videos_file, "images": data.images_file,
+            "control": data.control_videos_file if data.control == "file" else None}
+
+
+def _no_control_listing(data: DataConfig, root: Path) -> Problem:
+    """The problem of data.control = file without its control_videos_file."""
+    name, videos = data.control_videos_file, data.videos_file
+    return Problem(name, f"not found in {root}; data.control=file needs {name} with one control video "
+                   f"path per line (relative to data_root), on the same line as its clip in {videos}; "
+                   "or set data.control=canny to compute Canny edge controls from the clips")
+
+
+def _count_problems(names: dict[str, str | None], lines: dict[str, list[str] | None]) -> list[Problem]:
+    """Problems of listing files whose line counts do not match videos.txt's."""
+    pname, vname, iname, cname = (names[k] for k in ("prompts", "videos", "images", "control"))
+    prompts, videos, images, controls = (lines[k] for k in ("prompts", "videos", "images", "control"))
+    problems: list[Problem] = []
+    if len(prompts) != len(videos):
+        problems.append(Problem(vname, f"{pname} has {len(prompts)} lines, {vname} has "
+                                f"{len(videos)}; only the first {min(len(prompts), len(videos))} "
+                                "pairs are read"))
+    if images is not None and len(images) != len(videos):
+        problems.append(Problem(iname, f"{iname} has {len(images)} lines, {vname} has "
+                                f"{len(videos)}; an empty line means no image for that clip"))
+    if controls is not None and len(controls) != len(videos):
+        problems.append(Problem(cname, f"{cname} has {len(controls)} lines, {vname} has "
+                                f"{len(videos)}; it must list one control video per clip, on the "
+                                "clip's line"))
+    return problems
 
 
 def _read_txt(data: DataConfig, root: Path) -> tuple[list[Sample], list[Problem]]:
-    """prompts.txt + videos.txt (+ images.txt when present), paired line by line."""
-    pname, vname, iname = data.prompts_file, data.videos_file, data.images_file
-    status = {name: _listing_status(root / name) for name in (pname, vname, iname)}
+    """prompts.txt + videos.txt (+ images.txt when present, + control_videos.txt with data.control
+    = file), paired line by line."""
+    names = _txt_names(data)
+    pname, vname = data.prompts_file, data.videos_file
+    status = {name: _listing_status(root / name) for name in names.values() if name is not None}
     odd = [Problem(name, reason) for name, reason in status.items()
            if reason and not reason.startswith("file not found")]
     if odd:
@@ -231,32 +317,46 @@ def _read_txt(data: DataConfig, root: Path) -> tuple[list[Sample], list[Problem]
         return [], [Problem(" + ".join(missing), f"not found in {root}; a txt data set needs {pname} "
                             f"(one caption per line) and {vname} (one clip path per line), or "
                             f"give a CSV/JSON listing with data.metadata_file")]
-    prompts, bad_p = _decode_lines(root / pname, pname)
-    videos, bad_v = _decode_lines(root / vname, vname)
-    images, bad_i = _decode_lines(root / iname, iname) if status[iname] is None else (None, {})
-    problems: list[Problem] = []
-    if len(prompts) != len(videos):
-        problems.append(Problem(vname, f"{pname} has {len(prompts)} lines, {vname} has "
-                                f"{len(videos)}; only the first {min(len(prompts), len(videos))} "
-                                "pairs are read"))
-    if images is not None and len(images) != len(videos):
-        problems.append(Problem(iname, f"{iname} has {len(images)} lines, {vname} has "
-                                f"{len(videos)}; an empty line means no image for that clip"))
+    lines: dict[str, list[str] | None] = {}
+    bad: dict[str, dict[int, Problem]] = {}
+    for role, name in names.items():
+        present = name is not None and status[name] is None
+        lines[role], bad[role] = _decode_lines(root / name, name) if present else (None, {})
+    problems = _count_problems(names, lines)
+    control_missing = names["control"] is not None and lines["control"] is None
+    if control_missing:
+        problems.append(_no_control_listing(data, root))
+    samples = _txt_samples(root, names, lines, bad, problems)
+    return ([] if control_missing else samples), problems
+
+
+def _txt_samples(root: Path, names: dict[str, str | None], lines: dict[str, list[str] | None],
+                 bad: dict[str, dict[int, Problem]], problems: list[Problem]) -> list[Sample]:
+    """The samples of the txt layout's aligned lines; the lines' problems go to ``problems``.
+
+    A line that is not UTF-8 is reported once, with the clip of its line when there is one.
+    """
+    pname, vname, cname = names["prompts"], names["videos"], names["control"]
+    prompts, videos, images, controls = (lines[k] for k in ("prompts", "videos", "images", "control"))
     samples: list[Sample] = []
     for number in range(1, min(len(prompts), len(videos)) + 1):
         video = videos[number - 1]
         image = images[number - 1] if images is not None and number <= len(images) else None
-        clip = video.strip() if number not in bad_v else ""
-        for bad in (bad_p, bad_v, bad_i):
-            if number in bad:
-                problems.append(replace(bad.pop(number), video=clip or None))
+        clip = video.strip() if number not in bad["videos"] else ""
+        for found in bad.values():
+            if number in found:
+                problems.append(replace(found.pop(number), video=clip or None))
+        control = None
+        if controls is not None:
+            value = controls[number - 1] if number <= len(controls) else None
+            control = _ListedControl(value, f"{cname} line {number}", f"{cname}:{number}")
         sample = _make_sample(root, prompts[number - 1], video, image, f"{vname}:{number}",
                               (f"{pname} line", f"{vname} line"), problems,
-                              caption_origin=f"{pname}:{number}")
+                              caption_origin=f"{pname}:{number}", control=control)
         if sample is not None:
             samples.append(sample)
-    problems += [p for bad in (bad_p, bad_v, bad_i) for p in bad.values()]
-    return samples, problems
+    problems += [p for found in bad.values() for p in found.values()]
+    return samples
 
 
 def _read_csv(data: DataConfig, root: Path, name: str) -> tuple[list[Sample], list[Problem]]:
@@ -270,13 +370,15 @@ def _read_csv(data: DataConfig, root: Path, name: str) -> tuple[list[Sample], li
             return [], problems + [Problem(name, "empty file; expected a header row naming the "
                                            f"'{data.caption_column}' and '{data.video_column}' columns")]
         wanted = {"caption": data.caption_column, "video": data.video_column}
+        if data.control == "file":
+            wanted["control"] = data.control_column
         absent = [f"'{col}' ({role}, data.{role}_column)" for role, col in wanted.items()
                   if col not in header]
         if absent:
             return [], problems + [Problem(f"{name}:1", f"no {' or '.join(absent)} column; the "
                                            f"columns are: {printable(', '.join(header))}")]
-        columns = {col: header.index(col) for col in (data.caption_column, data.video_column,
-                                                       data.image_column) if col in header}
+        named = (data.caption_column, data.video_column, data.image_column, *wanted.values())
+        columns = {col: header.index(col) for col in named if col in header}
         samples: list[Sample] = []
         previous = reader.line_num
         for row in reader:
@@ -284,10 +386,12 @@ def _read_csv(data: DataConfig, root: Path, name: str) -> tuple[list[Sample], li
             if not any(cell.strip() for cell in row):
                 continue
             values = {col: row[i] if i < len(row) else None for col, i in columns.items()}
+            control = (_ListedControl(values.get(data.control_column), f"'{data.control_column}' column")
+                       if data.control == "file" else None)
             sample = _make_sample(root, values[data.caption_column], values[data.video_column],
                                   values.get(data.image_column), f"{name}:{start}",
                                   (f"'{data.caption_column}' column", f"'{data.video_column}' column"),
-                                  problems)
+                                  problems, control=control)
             if sample is not None:
                 samples.append(sample)
     except csv.Error as err:
@@ -310,9 +414,12 @@ def _record_sample(data: DataConfig, root: Path, record: Any, origin: str,
                                 video=record.get(data.video_column) if isinstance(
                                     record.get(data.video_column), str) else None))
         return None
+    control = (_ListedControl(record.get(data.control_column), f"'{data.control_column}' key")
+               if data.control == "file" else None)
     return _make_sample(root, record[data.caption_column], record[data.video_column],
                         record.get(data.image_column), origin,
-                        (f"'{data.caption_column}'", f"'{data.video_column}'"), problems)
+                        (f"'{data.caption_column}'", f"'{data.video_column}'"), problems,
+                        control=control)
 
 
 def _read_jsonl(data: DataConfig, root: Path, name: str) -> tuple[list[Sample], list[Problem]]:

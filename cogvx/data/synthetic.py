@@ -3,7 +3,9 @@
 They let the whole pipeline (data checks, latent preparation, training, validation) run with no
 download: each clip is drawn with numpy, written as an H.264 mp4, and captioned with exactly
 what it shows ("A red circle moving left to right on a blue background."), using the words the
-tiny models' tokenizer was trained on. Everything is a pure function of the seed.
+tiny models' tokenizer was trained on. With ``control=True`` each clip also gets a control video
+(the outline of its moving shape, see :meth:`ClipSpec.render_control`) for control training.
+Everything is a pure function of the seed.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
+from cogvx.data.control import canny_frames
 from cogvx.io import atomic_directory
 from cogvx.models.tokenizer import COLOURS, MOTIONS, SHAPES
 
@@ -33,6 +36,9 @@ MIN_CONTRAST = 150.0  # RGB distance between the shape and every background colo
 VIDEOS_DIR = "videos"
 PROMPTS_FILE = "prompts.txt"
 VIDEOS_FILE = "videos.txt"
+CONTROLS_DIR = "controls"
+CONTROL_VIDEOS_FILE = "control_videos.txt"  # DataConfig.control_videos_file's default
+CONTROL_CANNY = (100, 200)  # Canny thresholds of the control outlines (data.canny_low / canny_high defaults)
 
 assert set(COLOUR_RGB) == set(COLOURS), "every tokenizer colour needs an RGB value"
 assert set(SYNTHETIC_SHAPES) <= set(SHAPES) and set(SYNTHETIC_MOTIONS) <= set(MOTIONS)
@@ -67,11 +73,29 @@ class ClipSpec:
             scene = f"on {_article(first)} {first} to {second} gradient background"
         return f"{_article(self.colour).capitalize()} {self.colour} {self.shape} {self.motion} {scene}."
 
+    @property
+    def control_path(self) -> str:
+        """Where the clip's control video goes, relative to the data set folder (control_videos.txt)."""
+        return f"{CONTROLS_DIR}/clip_{self.index:03d}.mp4"
+
     def render(self) -> np.ndarray:
         """The clip's frames, ``[F, H, W, 3]`` uint8 (same spec, same arrays)."""
         rng = np.random.default_rng([self.seed, self.index, 1])
         return render_clip(self.shape, self.colour, self.motion, self.height, self.width,
                            self.frames, rng, background=self.background)
+
+    def render_control(self) -> np.ndarray:
+        """The clip's control video, ``[F, H, W, 3]`` uint8: Canny edges (white on black) of the
+        shape's silhouette, frame for frame with :meth:`render`.
+
+        The silhouette is the same shape drawn white on black with the clip's own generator (so
+        the same size and path); edges of the clip itself could be empty, as some shape and
+        background colours differ in hue but hardly in brightness, which Canny does not see.
+        """
+        rng = np.random.default_rng([self.seed, self.index, 1])
+        silhouette = render_clip(self.shape, "white", self.motion, self.height, self.width,
+                                 self.frames, rng, background="black")  # [F, H, W, 3]
+        return canny_frames(silhouette, *CONTROL_CANNY)  # [F, H, W, 3]
 
 
 def _article(word: str) -> str:
@@ -230,11 +254,14 @@ def write_mp4(path: str | Path, frames: np.ndarray, fps: int) -> Path:
 
 
 def make_synthetic_dataset(out_dir: str | Path, n: int, seed: int = 0, fps: int = 8, *,
-                           shapes: Sequence[str] = SYNTHETIC_SHAPES) -> Path:
+                           shapes: Sequence[str] = SYNTHETIC_SHAPES, control: bool = False) -> Path:
     """Write ``n`` captioned clips to ``out_dir`` (videos/, prompts.txt, videos.txt); return it.
 
-    Everything is written into a staging folder that replaces ``out_dir`` only once complete, so
-    an interrupted or failed run leaves the previous data set (or none), never half of one.
+    ``control`` also writes a control video per clip (controls/, same frame count, size and fps;
+    see :meth:`ClipSpec.render_control`) and control_videos.txt, aligned with videos.txt, for
+    data.control=file. Everything is written into a staging folder that replaces ``out_dir``
+    only once complete, so an interrupted or failed run leaves the previous data set (or none),
+    never half of one.
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
@@ -248,4 +275,14 @@ def make_synthetic_dataset(out_dir: str | Path, n: int, seed: int = 0, fps: int 
             write_mp4(staging / spec.path, spec.render(), fps)
         (staging / PROMPTS_FILE).write_text("".join(f"{s.caption}\n" for s in specs), encoding="utf-8")
         (staging / VIDEOS_FILE).write_text("".join(f"{s.path}\n" for s in specs), encoding="utf-8")
+        if control:
+            _write_controls(staging, specs, fps)
     return out_dir
+
+
+def _write_controls(folder: Path, specs: Sequence[ClipSpec], fps: int) -> None:
+    """The control videos of ``specs`` (controls/) and control_videos.txt, line by line with videos.txt."""
+    (folder / CONTROLS_DIR).mkdir()
+    for spec in specs:
+        write_mp4(folder / spec.control_path, spec.render_control(), fps)
+    (folder / CONTROL_VIDEOS_FILE).write_text("".join(f"{s.control_path}\n" for s in specs), encoding="utf-8")

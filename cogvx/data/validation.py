@@ -1,8 +1,8 @@
 """Validating a training data set, before any model is loaded.
 
 :func:`validate_dataset` reads the listing (:mod:`cogvx.data.listing`) and checks every clip
-(inside data_root, present, non-empty, decodable, long enough), collecting *all* problems at
-once, so a user fixes a broken data set in one pass instead of one crash per bad clip, minutes
+(inside data_root, present, non-empty, decodable, long enough) and every control video (the same,
+plus one frame per clip frame and the clip's aspect ratio), collecting *all* problems at once, so a user fixes a broken data set in one pass instead of one crash per bad clip, minutes
 into a run. :func:`apply_policy` then stops with the full report, or (``data.skip_invalid``)
 drops the bad samples and writes a JSON report of what was dropped.
 """
@@ -114,18 +114,27 @@ def _video_problem(sample: Sample, data: DataConfig, min_frames: int, probe: boo
     except VideoError as err:
         message = str(err)
         return message.removeprefix(f"{path}: ") or "not a readable video"
-    fps = data.sample_fps(model_fps)
-    usable = usable_frame_count(info, fps, data.skip_frames_start, data.skip_frames_end)
-    if usable < min_frames:
-        detail = f"{info.frames} frames at {info.fps:g} fps"
-        if data.skip_frames_start or data.skip_frames_end:
-            detail += f", less {data.skip_frames_start} skipped at the start and " \
-                      f"{data.skip_frames_end} at the end"
-        if fps:
-            detail += f", sampled at {fps} fps"
-        return f"too short: {usable} usable frames, needs {min_frames} ({detail})"
+    short = _too_short(info, data, min_frames, model_fps)
+    if short:
+        return short
     infos[path] = info
     return None
+
+
+def _too_short(info: VideoInfo, data: DataConfig, min_frames: int, model_fps: int | None) -> str | None:
+    """Why a video has too few usable frames after data.skip_frames_* and sampling at data.fps
+    (``model_fps`` when that is null), or None when it has ``min_frames`` or more."""
+    fps = data.sample_fps(model_fps)
+    usable = usable_frame_count(info, fps, data.skip_frames_start, data.skip_frames_end)
+    if usable >= min_frames:
+        return None
+    detail = f"{info.frames} frames at {info.fps:g} fps"
+    if data.skip_frames_start or data.skip_frames_end:
+        detail += f", less {data.skip_frames_start} skipped at the start and " \
+                  f"{data.skip_frames_end} at the end"
+    if fps:
+        detail += f", sampled at {fps} fps"
+    return f"too short: {usable} usable frames, needs {min_frames} ({detail})"
 
 
 def _image_problem(root: Path, sample: Sample) -> str | None:
@@ -140,6 +149,62 @@ def _image_problem(root: Path, sample: Sample) -> str | None:
     if problem:
         return f"image {rel}: {problem}{_separator_hint(rel, problem)}"
     return None
+
+
+# A control video is read frame for frame with its clip: rates may differ by rounding only (a
+# decoder reports 29.97 for 30000/1001), aspect ratios by encoders' even-size rounding.
+CONTROL_FPS_TOLERANCE = 0.01  # relative
+CONTROL_ASPECT_TOLERANCE = 0.01  # relative
+
+
+def _control_mismatches(control: VideoInfo, clip: VideoInfo) -> list[str]:
+    """How a control video does not match its clip frame for frame (count, rate, aspect ratio)."""
+    found = []
+    if control.frames != clip.frames:
+        found.append(f"{control.frames} frames, its clip has {clip.frames}; a control video must have "
+                     "one frame per clip frame")
+    if abs(control.fps - clip.fps) > CONTROL_FPS_TOLERANCE * clip.fps:
+        found.append(f"{control.fps:g} fps, its clip has {clip.fps:g} fps; a control video must have "
+                     "its clip's frame rate")
+    control_aspect, clip_aspect = control.width / control.height, clip.width / clip.height
+    if abs(control_aspect - clip_aspect) > CONTROL_ASPECT_TOLERANCE * clip_aspect:
+        found.append(f"{control.width}x{control.height} (aspect ratio {control_aspect:.3f}), its clip is "
+                     f"{clip.width}x{clip.height} ({clip_aspect:.3f}); a control video must have its "
+                     "clip's aspect ratio (any size; it is resized with the clip)")
+    return found
+
+
+def _control_problems(root: Path, sample: Sample, data: DataConfig, min_frames: int, probe: bool,
+                      infos: dict[Path, VideoInfo], model_fps: int | None = None) -> list[str]:
+    """Every reason the sample's control video cannot be used ([] when it has none).
+
+    It is checked like a clip (inside data_root, a non-empty regular file, decodable, long
+    enough) and, when the clip was probed too, against it (see :func:`_control_mismatches`).
+    Its probe result goes into ``infos`` beside the clips', so later stages need not probe again.
+    """
+    if sample.control is None:
+        return []
+    rel = sample.control_rel or str(sample.control)
+    prefix = f"control video {rel}: "
+    escape = _path_problem(root, rel, sample.control, "control video")
+    if escape:
+        return [prefix + escape.removeprefix("control video ")]
+    problem = file_problem(root / rel, root)  # as written: names broken links, missing folders
+    if problem:
+        return [prefix + problem + _separator_hint(rel, problem)]
+    if not probe:
+        return []
+    try:
+        info = probe_video(sample.control)
+    except VideoError as err:
+        return [prefix + (str(err).removeprefix(f"{sample.control}: ") or "not a readable video")]
+    infos[sample.control] = info
+    short = _too_short(info, data, min_frames, model_fps)
+    reasons = [prefix + short] if short else []
+    clip = infos.get(sample.video)
+    if clip is not None:
+        reasons += [prefix + mismatch for mismatch in _control_mismatches(info, clip)]
+    return reasons
 
 
 def _sample_problems(root: Path, sample: Sample, data: DataConfig, min_frames: int, probe: bool,
@@ -160,6 +225,7 @@ def _sample_problems(root: Path, sample: Sample, data: DataConfig, min_frames: i
     image = _image_problem(root, sample)
     if image:
         reasons.append(image)
+    reasons += _control_problems(root, sample, data, min_frames, probe, infos, model_fps)
     return reasons
 
 
@@ -169,8 +235,9 @@ def validate_dataset(data: DataConfig, min_frames: int, probe: bool = True,
 
     ``probe`` decodes each clip's header (decord) to catch corrupt files and clips shorter than
     ``min_frames`` after data.skip_frames_* and sampling at data.fps (``model_fps``, the model's
-    rate, when data.fps is null: pass ``config.spec.fps``); the results are kept in
-    ``report.infos`` so later stages need not probe again.
+    rate, when data.fps is null: pass ``config.spec.fps``); control videos (data.control = file)
+    are probed too and compared with their clips. The results are kept in ``report.infos``
+    (keyed by the resolved path) so later stages need not probe again.
     """
     root = resolve_path(Path(data.data_root).expanduser())
     samples, problems = read_samples(data)

@@ -101,20 +101,25 @@ def save_lora(transformer, out_dir: Path, info: dict[str, Any], state_dict: dict
     so DVC and MLflow see an identical re-run as unchanged."""
     from peft.utils import get_peft_model_state_dict
 
+    from cogvx.models.control import has_control_input, widened_projection
+
     kind = adapter_kind(transformer)
     info = {**info, "adapter_kind": kind}
     layers = {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(transformer, state_dict=state_dict).items()}
+    # A control model's widened input projection travels in the same file (diffusers' layout).
+    extra = widened_projection(transformer, state_dict) if has_control_input(transformer) else {}
     with atomic_directory(out_dir) as staging:
         if kind in LYCORIS_KINDS:
-            _write_peft_file(staging / LORA_WEIGHT_NAME, layers, adapter_metadata(transformer), info)
+            _write_peft_file(staging / LORA_WEIGHT_NAME, {**layers, **extra}, adapter_metadata(transformer), info)
         else:
-            _write_diffusers_file(staging, layers, adapter_metadata(transformer), info)
+            _write_diffusers_file(staging, layers, adapter_metadata(transformer), info, extra)
     return out_dir / LORA_WEIGHT_NAME
 
 
 def _write_diffusers_file(folder: Path, layers: dict[str, torch.Tensor], adapter: dict[str, Any],
-                          info: dict[str, Any]) -> None:
-    """diffusers' LoRA file (its key names and adapter metadata), rewritten reproducibly with cogvx's key."""
+                          info: dict[str, Any], extra: dict[str, torch.Tensor]) -> None:
+    """diffusers' LoRA file (its key names and adapter metadata), rewritten reproducibly with
+    cogvx's key and the ``extra`` tensors (a control model's input projection)."""
     from diffusers import CogVideoXPipeline
     from safetensors import safe_open
     from safetensors.torch import load_file
@@ -127,7 +132,7 @@ def _write_diffusers_file(folder: Path, layers: dict[str, torch.Tensor], adapter
     with safe_open(str(path), framework="pt") as handle:
         metadata = dict(handle.metadata() or {})
     metadata[COGVX_METADATA_KEY] = json.dumps(info, sort_keys=True, default=str)
-    save_tensors_reproducibly(load_file(str(path)), path, metadata=metadata)
+    save_tensors_reproducibly({**load_file(str(path)), **extra}, path, metadata=metadata)
 
 
 def _write_peft_file(path: Path, layers: dict[str, torch.Tensor], adapter: dict[str, Any], info: dict[str, Any]) -> None:
@@ -148,11 +153,14 @@ def load_lycoris(transformer, path: Path, meta: dict[str, Any], adapter: str, sc
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
 
+    from cogvx.models.control import PROJECTION_PREFIX
+
     fields = {k: v for k, v in meta["peft_config"].items() if k not in ("base_model_name_or_path", "revision")}
+    layers = {k: v for k, v in load_file(str(path)).items() if not k.startswith(PROJECTION_PREFIX)}
     try:
         config = PeftConfig.from_peft_type(**fields)
         transformer.add_adapter(config, adapter_name=adapter)
-        result = set_peft_model_state_dict(transformer, load_file(str(path)), adapter_name=adapter)
+        result = set_peft_model_state_dict(transformer, layers, adapter_name=adapter)
     except (ValueError, KeyError, TypeError, RuntimeError) as err:
         raise CogvxError(f"{path} does not fit this model's transformer: {str(err).splitlines()[0][:200]}") from None
     if result.unexpected_keys:
@@ -200,6 +208,7 @@ def _describe_adapter(path: Path, metadata: dict[str, str]) -> dict[str, Any]:
     adapter = {k.removeprefix("transformer."): v for k, v in adapter.items()}
     peft_config, record = _json_metadata(path, metadata, PEFT_METADATA_KEY), _json_metadata(path, metadata, COGVX_METADATA_KEY)
     kind = record.get("adapter_kind") or ("dora" if adapter.get("use_dora") else "lora")
+    control = record.get("control") or None  # control training: kind, channels, ...
     if kind not in ADAPTER_KINDS:
         raise CogvxError(f"{path}: adapter kind {kind!r} is none of {', '.join(ADAPTER_KINDS)}; "
                          "the file was written by a newer cogvx, or it is damaged")
@@ -208,9 +217,11 @@ def _describe_adapter(path: Path, metadata: dict[str, str]) -> dict[str, Any]:
             raise CogvxError(f"{path}: a {KIND_NAMES[kind]} file without a matching '{PEFT_METADATA_KEY}' "
                              "metadata; the file is damaged, or it was not written by cogvx")
         return {"kind": kind, "rank": peft_config.get("r"), "alpha": peft_config.get("alpha"),
-                "target_modules": peft_config.get("target_modules"), "peft_config": peft_config, "cogvx": record}
+                "target_modules": peft_config.get("target_modules"), "peft_config": peft_config, "cogvx": record,
+                "control": control}
     return {"kind": kind, "rank": adapter.get("r"), "alpha": adapter.get("lora_alpha"),
-            "target_modules": adapter.get("target_modules"), "peft_config": None, "cogvx": record}
+            "target_modules": adapter.get("target_modules"), "peft_config": None, "cogvx": record,
+            "control": control}
 
 
 def _not_safetensors(path: Path, err: Exception) -> str:

@@ -47,13 +47,15 @@ def register_lora(lora_dir: Path, config, run_id: str | None = None) -> dict[str
 
 
 def version_tags(meta: dict[str, Any], config) -> dict[str, str]:
-    """base_model, variant, adapter kind, rank, alpha (and target modules) of a LoRA, from its file first."""
+    """base_model, variant, adapter kind, control kind (none, file, canny), rank, alpha (and
+    target modules) of a LoRA, from its file first."""
     record, lora = meta.get("cogvx") or {}, config.train.lora
     alpha = meta.get("alpha") if meta.get("alpha") is not None else lora.alpha
     return {"base_model": str(record.get("base_model") or config.model_source),
             "variant": str(record.get("variant") or config.spec.key),
             "rank": str(meta.get("rank") or lora.rank), "alpha": f"{float(alpha):g}",
             "adapter_kind": str(meta.get("kind") or lora.kind),
+            "control": str((meta.get("control") or {}).get("kind") or "none"),
             "target_modules": ",".join(sorted(meta.get("target_modules") or [])), "cogvx_version": __version__}
 
 

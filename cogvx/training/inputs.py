@@ -29,7 +29,7 @@ def model_inputs(batch: dict[str, Any], run_config: Config, transformer, scaling
     if empty_prompt is not None and dropped.any():
         prompt_embeds = torch.where(dropped.view(-1, 1, 1), empty_prompt.expand_as(prompt_embeds),
                                     prompt_embeds)  # dropped: [B, 1, 1]; result [B, L, D]
-    extra = conditioning_for(spec).transformer_inputs(batch, latents, transformer, scaling, random,
-                                                      train.image_dropout, device)
+    extra = conditioning_for(spec, run_config.data).transformer_inputs(batch, latents, transformer, scaling,
+                                                                       random, train, device)
     latents = pad_to_temporal_patch(latents, transformer.config.patch_size_t)  # [B, F', C, h, w]
     return latents, prompt_embeds.to(device, dtype), extra

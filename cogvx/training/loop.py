@@ -236,6 +236,20 @@ def tracked_train(config: Config, resume: str | None = None, log=print, on_step=
     return report
 
 
+def control_record(config: Config) -> dict[str, Any]:
+    """What a control model's file records of its control (kind, channels, which input weights
+    trained, Canny thresholds): what generate and the registry read; nothing without control."""
+    data = config.data
+    if data.control == "none":
+        return {}
+    channels = config.spec.vae["latent_channels"]
+    record = {"kind": data.control, "channels": channels, "in_channels": 2 * channels,
+              "weights": config.train.control_weights}
+    if data.control == "canny":
+        record["canny"] = [data.canny_low, data.canny_high]
+    return {"control": record}
+
+
 def _train(config: Config, resume: str | None = None, log=print, on_step=None,
            metrics_dir: Path | None = None) -> TrainingReport:
     """The training run itself; writes output_dir/report.json and the metrics files
@@ -260,7 +274,7 @@ def _train(config: Config, resume: str | None = None, log=print, on_step=None,
     meter.stop("train")
     videos = validate(run, meter)
     info = {"base_model": config.model_source, "variant": config.spec.key, "steps": run.state.step,
-            "processes": run.accelerator.num_processes, "config": config.to_dict()}
+            "processes": run.accelerator.num_processes, "config": config.to_dict(), **control_record(config)}
     weights = save_final(run, out, info)
     report = build_report(run, weights, videos, meter.report(), step_timing(run.state.seconds, global_batch(run)),
                           resumed_from_step, setup_s)

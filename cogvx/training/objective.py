@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import torch
 
+from cogvx.models.conditioning import CHANNEL_INPUTS
 from cogvx.models.constants import VAE_SPATIAL_SCALE
 
 
@@ -63,18 +64,17 @@ def diffusion_loss(transformer, scheduler, latents: torch.Tensor, prompt_embeds:
     """One training loss: noise clean latents [B, F, C, h, w] at random timesteps, predict, compare.
 
     ``random`` draws each sample's timestep and noise (on the CPU, so any device and any split
-    of the batch across processes draws the same numbers); ``extra_inputs`` carries
-    channel-concatenated image latents or ofs.
+    of the batch across processes draws the same numbers); ``extra_inputs`` carries the latents
+    concatenated after the noisy video along channels (image, control: CHANNEL_INPUTS) and ofs.
     """
     batch = latents.shape[0]
     steps = scheduler.config.num_train_timesteps
     timesteps = random.randint(steps).to(latents.device)
     noise = random.randn(tuple(latents.shape[1:])).to(latents.device, latents.dtype)  # [B, F, C, h, w]
     noisy = scheduler.add_noise(latents, noise, timesteps)  # [B, F, C, h, w]
-    model_input = noisy
     extra = dict(extra_inputs or {})
-    if "image_latents" in extra:
-        model_input = torch.cat([noisy, extra.pop("image_latents")], dim=2)  # [B, F, 2C, h, w]
+    channel_inputs = [extra.pop(name) for name in CHANNEL_INPUTS if name in extra]
+    model_input = torch.cat([noisy, *channel_inputs], dim=2)  # [B, F, C x (1 + inputs), h, w]
     output = transformer(hidden_states=model_input.to(prompt_embeds.dtype), encoder_hidden_states=prompt_embeds,
                          timestep=timesteps, image_rotary_emb=rotary, return_dict=False, **extra)[0]
     predicted = scheduler.get_velocity(output.float(), noisy.float(), timesteps)  # x0 estimate

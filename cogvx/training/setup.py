@@ -73,8 +73,9 @@ class Run:
 
 def configure_transformer(transformer, config: Config, dtype: torch.dtype, buckets, device: torch.device) -> None:
     """Everything the config does to the transformer before training: attention kernel,
-    checkpointing, learned positions, LoRA or full training, fp8 storage, regional compile (in
-    this order: fp8 must see the LoRA base layers, compile must see the final modules)."""
+    checkpointing, learned positions, LoRA or full training, the control input (data.control),
+    fp8 storage, regional compile (in this order: fp8 must see the LoRA base layers, compile
+    must see the final modules)."""
     from cogvx.models.lora import add_lora
     from cogvx.models.performance import (
         compile_blocks,
@@ -98,6 +99,10 @@ def configure_transformer(transformer, config: Config, dtype: torch.dtype, bucke
                  lora.dropout, lora.init, lora.kind)
     else:
         transformer.requires_grad_(True)
+    if config.data.control != "none":
+        from cogvx.models.control import widen_for_control
+
+        widen_for_control(transformer, train_base=train.control_weights == "all")
     if train.fp8_base_weights:
         store_base_weights_in_fp8(transformer, dtype, compute=train.fp8_compute)
     if train.compile == "blocks" and not compiled:

@@ -20,18 +20,23 @@ def render_validation(config: Config, folder: Path, transformer, step: int, out_
     validate.cache (diffusers' caching hooks) goes on before the offload hooks and comes off
     after them, in a finally, so training gets its transformer back without a hook.
     ``writer(frames, path, fps)`` replaces the mp4 writer (benchmarks on machines without ffmpeg).
+    A control model (data.control) renders each prompt with its control video
+    (:func:`validation_controls`) through the control pipeline.
     """
-    from cogvx.inference import (apply_render_cache, prepare_for_device, remove_render_cache, render,
-                                 render_settings, write_video)
+    from cogvx.inference import (apply_render_cache, as_control_pipeline, control_frames, prepare_for_device,
+                                 remove_render_cache, render, render_settings, validation_controls, write_video)
     from cogvx.models.loader import load_pipeline
 
     spec, writer = config.spec, writer or write_video
-    pipe = load_pipeline(str(folder), spec, dtype=dtype, skip=("transformer",))
-    pipe.transformer = transformer
-    was_training = transformer.training
-    transformer.eval()
     validate = config.validate_
     size = render_settings(config)
+    controls = [control_frames(path, config.data.control, size, config) for path in validation_controls(config)]
+    pipe = load_pipeline(str(folder), spec, dtype=dtype, skip=("transformer",))
+    pipe.transformer = transformer
+    if controls:
+        pipe = as_control_pipeline(pipe)
+    was_training = transformer.training
+    transformer.eval()
     written = []
     try:
         apply_render_cache(transformer, config, lambda: pipe.current_timestep, validate.guidance_scale)
@@ -39,7 +44,7 @@ def render_validation(config: Config, folder: Path, transformer, step: int, out_
         for index, prompt in enumerate(validate.prompts):
             video = render(pipe, prompt, frames=size.frames, height=size.height, width=size.width,
                            steps=validate.num_inference_steps, guidance_scale=validate.guidance_scale,
-                           seed=validate.seed + index)
+                           seed=validate.seed + index, control=controls[index] if controls else None)
             written.append(writer(video, out_dir / "validation" / f"step-{step:06d}" / f"prompt-{index:02d}.mp4",
                                   size.fps))
     finally:
@@ -49,3 +54,4 @@ def render_validation(config: Config, folder: Path, transformer, step: int, out_
         remove_render_cache(transformer)
         transformer.train(was_training)
     return written
+
