@@ -419,12 +419,13 @@ def registry_list(
         print(json.dumps(rows, indent=2))
         return
     table = Table(title=f"registered models on {config.tracking.tracking_uri}")
-    for column in ("name", "version", "aliases", "variant", "rank", "alpha", "created", "run"):
+    for column in ("name", "version", "aliases", "variant", "adapter", "control", "rank", "alpha", "created", "run"):
         table.add_column(column)
     for row in rows:
         tags = row["tags"]
         table.add_row(row["name"], str(row["version"]), ", ".join(row["aliases"]), tags.get("variant", ""),
-                      tags.get("rank", ""), tags.get("alpha", ""), row["created"] or "", row["run_id"] or "")
+                      tags.get("adapter_kind", ""), tags.get("control", ""), tags.get("rank", ""),
+                      tags.get("alpha", ""), row["created"] or "", row["run_id"] or "")
     out.print(table)
 
 

@@ -214,6 +214,8 @@ def check_control_request(request: GenerateRequest, lora: Path | None, config: C
         raise CogvxError(f"{lora} is a control model (trained with data.control = {control.get('kind')}): "
                          "give its control video with --control VIDEO"
                          + (" (a clip, with --control-kind canny, for its edges)" if control.get("kind") == "canny" else ""))
+    if request.control_kind is not None and request.control is None:
+        raise CogvxError("--control-kind says what the --control video is: give --control VIDEO with it")
     if request.control is not None and not control:
         raise CogvxError("--control needs a control model: a LoRA trained with data.control "
                          f"({'this one was not' if lora is not None else 'give it with --lora or --weights'})")

@@ -280,3 +280,11 @@ def test_control_content_keys_follow_the_control(trained, control_data, tmp_path
     assert after[0] != before[0] and after[1:] == before[1:]
     canny = moved.model_copy(update={"data": moved.data.model_copy(update={"control": "canny"})})
     assert set(keys(canny)).isdisjoint(after)
+
+
+def test_the_registry_tags_a_control_model_with_its_kind(trained):
+    from cogvx.tracking.registry import version_tags
+
+    meta = read_lora_metadata(trained["lora"] / "pytorch_lora_weights.safetensors")
+    tags = version_tags(meta, trained["config"])
+    assert tags["control"] == "file" and tags["variant"] == "tiny-1.5-t2v" and tags["rank"] == "8"

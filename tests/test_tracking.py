@@ -222,7 +222,7 @@ def test_register_promote_and_fetch_by_alias(registered, logged_run, server, tra
     assert registered["model_id"].startswith("m-")
     version = logged_run["client"].get_model_version(REGISTERED, "1")
     assert version.tags["rank"] == "8" and version.tags["alpha"] == "8" and version.tags["variant"] == "tiny-t2v"
-    assert version.tags["adapter_kind"] == "lora"
+    assert version.tags["adapter_kind"] == "lora" and version.tags["control"] == "none"
     assert version.tags["base_model"] == str(trained["paths"]["model"])
     assert version.run_id == logged_run["result"].run_id
     assert list_registered(server, REGISTERED)[0]["aliases"] == []

@@ -102,6 +102,8 @@ SMOKE: tuple[Case, ...] = (
     Case("tiny-lora", "train", "tiny-t2v", (9, 64, 96), ("train.lora.rank=4", "train.lora.alpha=4"), steps=2, warmup=1),
     Case("tiny-lora-fp8-offload", "train", "tiny-t2v", (9, 64, 96),
          ("train.lora.rank=4", "train.fp8_base_weights=true", "train.activation_offload=true"), steps=2, warmup=1),
+    Case("tiny-control", "train", "tiny-t2v", (9, 64, 96), ("train.lora.rank=4", "train.lora.alpha=4",
+                                                           "data.control=canny"), steps=2, warmup=1),
     Case("tiny-lora-ddp", "train", "tiny-t2v", (9, 64, 96), ("train.lora.rank=4", "train.lora.alpha=4"), steps=2,
          warmup=1, launch="ddp-2gpu.yaml", processes=2, baseline="tiny-lora"),
     Case("tiny-validate", "validate", "tiny-t2v", (9, 64, 96),
@@ -221,7 +223,24 @@ ISSUE17: tuple[Case, ...] = (
          targets={"clips_per_s": 1.5}, steps=16, warmup=0, note="VAE encoder compiled"),
 )
 
-SUITES: dict[str, tuple[Case, ...]] = {"issue7": ISSUE7, "issue10": ISSUE10, "issue17": ISSUE17, "smoke": SMOKE}
+# Issue 18: control training (a canny-control LoRA: the widened input and control latents) and the
+# adapter kinds, beside the reference step, on the simulated 24 GB card (--memory-cap-gib 23).
+CONTROL = ("data.control=canny",)
+ISSUE18: tuple[Case, ...] = (
+    Case("5b-control-canny", "train", "cogvideox-5b", S49, LORA_64 + SPEED + CONTROL, "5b",
+         targets={"time_ratio": 0.6, "peak_reserved_gib": 23.0}, steps=4, warmup=2,
+         note="canny-control LoRA r64, preset speed: 32-channel input, control latents"),
+    Case("5b-control-canny-validation", "validate", "cogvideox-5b", S49, LORA_64 + SPEED + CONTROL + VALIDATE_QUICK,
+         None, targets={"peak_reserved_gib": 23.0}, steps=2, warmup=1,
+         note="as 5b-control-canny with an in-training validation render (control pipeline)"),
+    Case("5b-dora", "train", "cogvideox-5b", S49, LORA_64 + FAST + ("train.lora.kind=dora",), "5b",
+         targets={"peak_reserved_gib": 23.0}, steps=4, warmup=2,
+         note="DoRA r64, compiled, cuDNN (bf16 base: DoRA refuses fp8 storage)"),
+    Case("5b-lokr", "train", "cogvideox-5b", S49, LORA_64 + SPEED + ("train.lora.kind=lokr",), "5b",
+         targets={"peak_reserved_gib": 23.0}, steps=4, warmup=2, note="LoKr r64, preset speed"),
+)
+SUITES: dict[str, tuple[Case, ...]] = {"issue7": ISSUE7, "issue10": ISSUE10, "issue17": ISSUE17, "issue18": ISSUE18,
+                                       "smoke": SMOKE}
 # Reference variants run besides the eager anchor step (anchor_lora_step.py --variant ...), by model.
 REFERENCE_VARIANTS: dict[str, dict[str, tuple[str, ...]]] = {"issue17": {"5b": ("compile",)}}
 

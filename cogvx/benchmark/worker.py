@@ -64,6 +64,21 @@ def timed_steps(run, batches, count: int) -> tuple[list[float], list[float]]:
     return seconds, losses
 
 
+def _validation_control(case: Case, workdir: Path, clips: Path | None) -> tuple[str, ...]:
+    """A control model's validation render needs a control video: the first of ``clips`` (the
+    GPU machine has no encoder to make one), else a synthetic clip of the case's size made here."""
+    if case.kind != "validate" or case_config(case, workdir).data.control == "none":
+        return ()
+    from cogvx.benchmark.assets import make_bench_clips
+
+    if clips is None:
+        clips = workdir / "control-clips"
+        if not (clips / "videos.txt").is_file():
+            make_bench_clips(clips, 1, *case.size)
+    first = (clips / "videos.txt").read_text(encoding="utf-8").split()[0]
+    return (f"validate.control_videos=[{str(clips / first)!r}]",)
+
+
 def _training_run(case: Case, config: Config, workdir: Path, device: torch.device):
     """Assets, random latents and a real-size random transformer, set up by the training code
     (under accelerate launch the main process writes the shared files, the others wait)."""
@@ -98,10 +113,10 @@ def _step_figures(seconds: list[float], warmup: int, batch: int) -> dict[str, An
             "step_s": [round(s, 3) for s in timed]}
 
 
-def run_train(case: Case, workdir: Path, device: torch.device) -> dict[str, Any]:
+def run_train(case: Case, workdir: Path, device: torch.device, clips: Path | None = None) -> dict[str, Any]:
     from cogvx.training.loop import batches_from
 
-    config = case_config(case, workdir)
+    config = case_config(case, workdir, _validation_control(case, workdir, clips))
     run = _training_run(case, config, workdir, device)
     batches = batches_from(run.dataset, run.sampler, 0, run.accelerator.process_index, run.accelerator.num_processes)
     meter = MemoryMeter(device)
@@ -278,7 +293,7 @@ def run_case(case: Case, workdir: Path, clips: Path | None = None) -> dict[str, 
     workdir = Path(workdir)
     started = time.perf_counter()
     if case.kind in ("train", "validate"):
-        result = run_train(case, workdir, device)
+        result = run_train(case, workdir, device, clips)
     elif case.kind == "generate":
         result = run_generate(case, workdir, device)
     elif case.kind == "quality":
