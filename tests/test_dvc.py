@@ -155,3 +155,21 @@ def test_plots_render_without_a_cdn_and_leave_no_untracked_file(project, tmp_pat
     untracked = [line for line in git("status", "--porcelain", "--untracked-files=all", cwd=project).stdout.splitlines()
                  if line.startswith("??")]
     assert not untracked, untracked
+
+
+def test_a_canny_control_experiment_runs_every_stage_through_the_config(project):
+    """data.control=canny as a DVC experiment: prepare encodes the edges, training writes a control
+    model, the generate stage renders it (with the first validation control), metrics show."""
+    from cogvx.models.lora import read_lora_metadata
+
+    git("add", "-A", cwd=project)
+    git("commit", "-qm", "before control", cwd=project)
+    dvc("exp", "run", "-n", "canny", "-S", "data.control=canny", cwd=project)
+    shown = json.loads(dvc("exp", "show", "--json", cwd=project).stdout)
+    assert '"control": "canny"' in json.dumps(shown)
+    assert all(m["metrics/train/metrics.json"]["final_loss"] > 0 for m in metric_sets(shown) if m)
+    assert json.loads((project / "data/latents/manifest.json").read_text())["control"] == "canny"
+    meta = read_lora_metadata(project / "outputs/train/lora/pytorch_lora_weights.safetensors")
+    assert meta["control"]["kind"] == "canny" and meta["control"]["in_channels"] == 32
+    assert (project / "outputs/samples/sample.mp4").stat().st_size > 0
+    assert sorted(p.name for p in (project / "outputs/train/validation").rglob("*.mp4"))

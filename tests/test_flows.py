@@ -162,6 +162,23 @@ def test_flow_completes_with_every_stage(workspace: Path, first_run: tuple[Any, 
     assert summary["register"] == {"skipped": "tracking disabled"}
 
 
+def test_flow_trains_and_renders_a_canny_control_model(workspace: Path, first_run: tuple[Any, dict[str, Any]]) -> None:
+    """data.control through the flow's one config: prepare encodes the clips' edges, train writes a
+    control model, render renders it with the first validation control."""
+    from flows.finetune import finetune
+    from cogvx.models.lora import read_lora_metadata
+
+    overrides = [*overrides_for(workspace, "train-canny"), "data.control=canny",
+                 f"prepare.output_dir={workspace}/data/latents-canny"]
+    state = finetune(params=str(workspace / "params.yaml"), overrides=overrides,
+                     out_dir=str(workspace / "samples-canny"), return_state=True)
+    assert state.is_completed(), state.message
+    summary = state.result()
+    meta = read_lora_metadata(Path(summary["train"]["weights"]) / LORA_FILE)
+    assert meta["control"]["kind"] == "canny"
+    assert Path(summary["render"]).stat().st_size > 0
+
+
 def test_train_fails_once_and_is_retried(workspace: Path, first_run: tuple[Any, dict[str, Any]],
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """An injected fault in train: the task fails, Prefect retries it, the flow completes."""
