@@ -218,13 +218,10 @@ def validation_controls(config: Config) -> list[Path]:
     return [sources[index % len(sources)] for index in range(len(prompts))]
 
 
-def control_frames(path: str | Path, kind: str, size: RenderSettings, config: Config) -> list[Image.Image]:
-    """The control video of a render: ``size.frames`` frames of ``path`` taken as training takes
-    a clip's (from the start, at the training rate), centre-cropped to the render size; with
-    ``kind`` canny, the Canny edges of those frames (data.canny_low / canny_high), as prepare
-    makes them. A video that cannot give them is a CogvxError saying why."""
-    from cogvx.data.control import canny_video
-    from cogvx.data.video import file_problem, load_clip, probe_video, usable_frame_count
+def check_control_video(path: str | Path, size: RenderSettings, config: Config):
+    """The VideoInfo of a render's control video, once it is known to give ``size.frames`` frames
+    at the training rate; a CogvxError saying why otherwise (missing, not a video, too short)."""
+    from cogvx.data.video import file_problem, probe_video, usable_frame_count
 
     path = Path(path)
     problem = file_problem(path, what="control video")
@@ -237,7 +234,20 @@ def control_frames(path: str | Path, kind: str, size: RenderSettings, config: Co
         rate = f" at {fps} fps" if fps else ""
         raise CogvxError(f"control video {path}: {usable} frames{rate}, the render needs {size.frames}: "
                          "use a longer control video or render fewer frames (--frames)")
-    video = load_clip(path, info, size.frames, size.height, size.width, target_fps=fps)  # [F, C, H, W] in [-1, 1]
+    return info
+
+
+def control_frames(path: str | Path, kind: str, size: RenderSettings, config: Config) -> list[Image.Image]:
+    """The control video of a render: ``size.frames`` frames of ``path`` taken as training takes
+    a clip's (from the start, at the training rate), centre-cropped to the render size; with
+    ``kind`` canny, the Canny edges of those frames (data.canny_low / canny_high), as prepare
+    makes them. A video that cannot give them is a CogvxError saying why."""
+    from cogvx.data.control import canny_video
+    from cogvx.data.video import load_clip
+
+    info = check_control_video(path, size, config)
+    video = load_clip(path, info, size.frames, size.height, size.width,
+                      target_fps=config.sample_fps)  # [F, C, H, W] in [-1, 1]
     if kind == "canny":
         video = canny_video(video, config.data.canny_low, config.data.canny_high)
     pixels = ((video.permute(0, 2, 3, 1) + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)  # [F, H, W, C]

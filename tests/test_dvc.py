@@ -163,7 +163,7 @@ def test_a_canny_control_experiment_runs_every_stage_through_the_config(project)
     from cogvx.models.lora import read_lora_metadata
 
     git("add", "-A", cwd=project)
-    git("commit", "-qm", "before control", cwd=project)
+    git("commit", "-qm", "before control", "--allow-empty", cwd=project)
     dvc("exp", "run", "-n", "canny", "-S", "data.control=canny", cwd=project)
     shown = json.loads(dvc("exp", "show", "--json", cwd=project).stdout)
     assert '"control": "canny"' in json.dumps(shown)

@@ -102,8 +102,6 @@ SMOKE: tuple[Case, ...] = (
     Case("tiny-lora", "train", "tiny-t2v", (9, 64, 96), ("train.lora.rank=4", "train.lora.alpha=4"), steps=2, warmup=1),
     Case("tiny-lora-fp8-offload", "train", "tiny-t2v", (9, 64, 96),
          ("train.lora.rank=4", "train.fp8_base_weights=true", "train.activation_offload=true"), steps=2, warmup=1),
-    Case("tiny-control", "train", "tiny-t2v", (9, 64, 96), ("train.lora.rank=4", "train.lora.alpha=4",
-                                                           "data.control=canny"), steps=2, warmup=1),
     Case("tiny-lora-ddp", "train", "tiny-t2v", (9, 64, 96), ("train.lora.rank=4", "train.lora.alpha=4"), steps=2,
          warmup=1, launch="ddp-2gpu.yaml", processes=2, baseline="tiny-lora"),
     Case("tiny-validate", "validate", "tiny-t2v", (9, 64, 96),

@@ -236,6 +236,15 @@ def tracked_train(config: Config, resume: str | None = None, log=print, on_step=
     return report
 
 
+def check_validation_controls(config: Config) -> None:
+    """A control model's validation controls, checked before the run starts (not at its first
+    validation, steps later): each must exist and give the validation render's frames."""
+    from cogvx.inference import check_control_video, render_settings, validation_controls
+
+    for path in validation_controls(config):
+        check_control_video(path, render_settings(config), config)
+
+
 def control_record(config: Config) -> dict[str, Any]:
     """What a control model's file records of its control (kind, channels, which input weights
     trained, Canny thresholds): what generate and the registry read; nothing without control."""
@@ -255,6 +264,7 @@ def _train(config: Config, resume: str | None = None, log=print, on_step=None,
     """The training run itself; writes output_dir/report.json and the metrics files
     (:func:`~cogvx.training.outputs.write_metrics`) into ``metrics_dir`` (default: output_dir)."""
     out = Path(config.train.output_dir)
+    check_validation_controls(config)
     started = time.perf_counter()
     meter = MemoryMeter(torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
     meter.start("load")
