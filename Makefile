@@ -40,8 +40,12 @@ install-test: $(VENV)/.installed-test  ## install cogvx with the test extras
 run: install  ## run the main job on the embedded default (dvc repro of dvc.yaml)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
+# The suite runs on PYTEST_WORKERS processes (pytest-xdist), each taking whole test files, so a
+# file's fixtures (a trained run, a server) are built once: about 13 minutes on 2 cores.
+PYTEST_WORKERS ?= 2
+
 test: install-test  ## run the whole test suite
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 clean:  ## remove the virtual environment and generated outputs
 	rm -rf $(VENV) models outputs .pytest_cache

@@ -645,7 +645,9 @@ def _field_by_name(model: type[BaseModel], name: str):
     return None
 
 
-def _short_repr(value: Any, limit: int = 60) -> str:
+def _short_repr(value: Any, limit: int = 200) -> str:
+    """A value as a message shows it: whole up to ``limit`` characters (a deep path stays
+    readable), cut beyond (a pasted blob does not flood the console)."""
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
