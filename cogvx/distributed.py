@@ -181,9 +181,8 @@ def close_process_group() -> None:
     """End a launched command's process group: every process waits for the others, then leaves
     the group. Leaving it to interpreter shutdown let a process that finished first abort
     (SIGABRT in gloo's teardown) while the main process was still writing its summary."""
-    import torch
-
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    torch = sys.modules.get("torch")  # a command that never imported torch has no group (and --help stays fast)
+    if torch is None or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()

@@ -202,14 +202,18 @@ def generation_pipeline(config: Config, request: GenerateRequest, log=print, tra
 def check_control_request(request: GenerateRequest, lora: Path | None, config: Config) -> dict | None:
     """A control model's record (None for any other), after checking, before any weight loads,
     that the request and the weights agree: a control model needs a control video (--control,
-    else, with data.control set, the config's first validation control), --control needs a
-    control model, and the LoRA was trained on this kind of model."""
+    else, with data.control set, the config's first validation control) that gives the render's
+    frames, --control needs a control model, and the LoRA was trained on this kind of model."""
     from cogvx.models.lora import read_lora_metadata
 
     meta = read_lora_metadata(lora_file(lora)) if lora is not None else None
     if meta is not None:
         check_lora_base(meta, config.spec, lora_file(lora), log=lambda *_: None)  # attach_lora notes it
     control = meta["control"] if meta is not None else None
+    if control and request.control is not None:
+        from cogvx.inference import check_control_video
+
+        check_control_video(request.control, request_settings(config, request), config)
     if control and request.control is None and config.data.control == "none":
         raise CogvxError(f"{lora} is a control model (trained with data.control = {control.get('kind')}): "
                          "give its control video with --control VIDEO"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +34,15 @@ def test_every_command_has_help(run_cli, command):
     result = run_cli(*command, "--help")
     assert result.returncode == 0, result.stderr
     assert "Usage:" in result.stdout
+
+
+def test_help_does_not_import_torch(tmp_path):
+    """--help answers at once: nothing on its way (the end of a command included) imports torch."""
+    probe = ("import runpy, sys\nsys.argv = ['cogvx', 'train', '--help']\ntry:\n"
+             "    runpy.run_module('cogvx', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+             "print('torch imported' if 'torch' in sys.modules else 'torch not imported', file=sys.stderr)")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert "Usage:" in done.stdout and done.stderr.strip().endswith("torch not imported"), done.stderr
 
 
 def test_version(run_cli):

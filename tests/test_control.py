@@ -181,7 +181,8 @@ def test_generate_refuses_control_mismatches_before_loading(trained, control_dat
     assert generate_with(config, trained["lora"]).shape == (17, 32, 48, 3)
 
 
-def test_generate_cli_names_a_bad_control_video(run_cli, trained, tiny_models):
+@pytest.mark.slow
+def test_generate_cli_names_a_bad_control_video(run_cli, trained, tiny_models, control_data):
     """The DVC and flow tests run canny control through `cogvx prepare/train/generate`; here, a
     control video that does not exist, or is not a video, is one message and exit code 1."""
     common = ["model.variant=tiny-1.5-t2v", f"model.path={tiny_models['tiny-1.5-t2v']}", "tracking.enabled=false",
@@ -189,6 +190,9 @@ def test_generate_cli_names_a_bad_control_video(run_cli, trained, tiny_models):
     missing = run_cli("generate", "--weights", str(trained["lora"]), "--control", "nope.mp4", *common)
     assert missing.returncode == 1 and "control video nope.mp4: file not found" in missing.stderr
     assert "Traceback" not in missing.stderr
+    short = run_cli("generate", "--weights", str(trained["lora"]), "--frames", "33", "--control",
+                    str(control_data / "controls" / "clip_000.mp4"), *common)
+    assert short.returncode == 1 and "the render needs 33" in short.stderr and "Traceback" not in short.stderr
 
 
 @pytest.mark.slow
