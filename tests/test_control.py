@@ -281,3 +281,26 @@ def test_the_registry_tags_a_control_model_with_its_kind(trained):
     meta = read_lora_metadata(trained["lora"] / "pytorch_lora_weights.safetensors")
     tags = version_tags(meta, trained["config"])
     assert tags["control"] == "file" and tags["variant"] == "tiny-1.5-t2v" and tags["rank"] == "8"
+
+
+@pytest.mark.slow
+def test_a_control_video_is_sampled_cropped_and_flipped_exactly_like_its_clip(tiny_models, tmp_path):
+    """Each clip listed as its own control, under random frame windows, random crops and flips:
+    the control latents equal the clip's, tensor for tensor."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from cogvx.data.latents import CONTROL_TENSORS, VIDEO_TENSORS, read_manifest, video_file
+    from cogvx.prepare import run_prepare
+
+    raw = make_synthetic_dataset(tmp_path / "raw", 3, seed=8)
+    shutil.copy(raw / "videos.txt", raw / "control_videos.txt")
+    config = control_config("tiny-t2v", tiny_models["tiny-t2v"], raw, tmp_path, "data.resize_mode=random_crop",
+                            "data.random_flip=0.5", "data.frame_sampling=random", "data.height=48",
+                            "data.width=48", "data.frames=9")
+    run_prepare(config, **QUIET)
+    for entry in read_manifest(tmp_path / "latents")["entries"]:
+        tensors = load_file(str(video_file(tmp_path / "latents", entry["video_key"])))
+        for video_name, control_name in zip(VIDEO_TENSORS, CONTROL_TENSORS):
+            assert torch.equal(tensors[video_name], tensors[control_name]), entry["video"]
