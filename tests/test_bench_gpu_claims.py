@@ -88,7 +88,7 @@ def test_render_phases_split_a_tiny_render_by_component(tiny_models, tmp_path):
         render_request(pipe, config, request, device)
     summary = phases.summary(10.0)
     assert summary["calls"] == {"text_encoder": 2, "transformer": 3, "vae_decode": 1}, summary  # CFG: 2 prompts
-    assert all(seconds > 0 for seconds in summary["seconds"].values())
+    assert all(seconds > 0 for seconds in phases.seconds.values())  # unrounded: a tiny T5 call takes < 5 ms
     assert pipe.transformer.forward == forward and "decode" not in vars(pipe.vae)  # put back as it was
 
 
