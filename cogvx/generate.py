@@ -266,7 +266,7 @@ def render_request(pipe, config: Config, request: GenerateRequest, device, log=p
         if request.control is None:
             log(f"control video: {path} (the first validation control; --control VIDEO picks another)")
         kind = request.control_kind or (trained.get("kind") if request.control else config.data.control) or "file"
-        control = control_frames(path, kind, size, _with_canny(config, trained))
+        control = control_frames(path, kind, size, config, canny=trained.get("canny"))  # the thresholds it learnt
     video = render(pipe, request.prompt, frames=size.frames, height=size.height, width=size.width,
                    steps=request.steps or validate.num_inference_steps,
                    guidance_scale=request_guidance(config, request),
@@ -275,12 +275,6 @@ def render_request(pipe, config: Config, request: GenerateRequest, device, log=p
         log(f"note: the pipeline returned {video.shape[0]} frames for {size.frames} asked "
             "(CogVideoX 1.0 decodes exactly when (frames - 1) / 4 + 1 is odd, e.g. 9, 17, 25, 49)")
     return video
-
-
-def _with_canny(config: Config, trained: dict) -> Config:
-    """``config`` with the Canny thresholds the control model was trained with (its file's record)."""
-    low, high = trained.get("canny") or (config.data.canny_low, config.data.canny_high)
-    return config.model_copy(update={"data": config.data.model_copy(update={"canny_low": low, "canny_high": high})})
 
 
 def generate(config: Config, request: GenerateRequest, log=print) -> Path:

@@ -237,11 +237,13 @@ def check_control_video(path: str | Path, size: RenderSettings, config: Config):
     return info
 
 
-def control_frames(path: str | Path, kind: str, size: RenderSettings, config: Config) -> list[Image.Image]:
+def control_frames(path: str | Path, kind: str, size: RenderSettings, config: Config,
+                   canny: tuple[int, int] | None = None) -> list[Image.Image]:
     """The control video of a render: ``size.frames`` frames of ``path`` taken as training takes
     a clip's (from the start, at the training rate), centre-cropped to the render size; with
-    ``kind`` canny, the Canny edges of those frames (data.canny_low / canny_high), as prepare
-    makes them. A video that cannot give them is a CogvxError saying why."""
+    ``kind`` canny, the Canny edges of those frames, as prepare makes them, with the thresholds
+    ``canny`` (default: data.canny_low / canny_high). A video that cannot give them is a
+    CogvxError saying why."""
     from cogvx.data.control import canny_video
     from cogvx.data.video import load_clip
 
@@ -249,7 +251,7 @@ def control_frames(path: str | Path, kind: str, size: RenderSettings, config: Co
     video = load_clip(path, info, size.frames, size.height, size.width,
                       target_fps=config.sample_fps)  # [F, C, H, W] in [-1, 1]
     if kind == "canny":
-        video = canny_video(video, config.data.canny_low, config.data.canny_high)
+        video = canny_video(video, *(canny or (config.data.canny_low, config.data.canny_high)))
     pixels = ((video.permute(0, 2, 3, 1) + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)  # [F, H, W, C]
     return [Image.fromarray(frame) for frame in pixels.numpy()]
 

@@ -34,7 +34,8 @@ class ControlPipeline(CogVideoXFunControlPipeline):
     control_record: dict | None = None  # what the model's file says of its control (kind, canny thresholds)
 
     def __call__(self, prompt=None, negative_prompt=None, control_video=None, **kwargs):
-        frames = len(control_video[0]) if control_video and isinstance(control_video[0], list) else len(control_video or [])
+        """As the pipeline's, for one control video given as a list of frames (what cogvx renders)."""
+        frames = len(control_video or [])
         patch_t = self.transformer.config.patch_size_t
         latent_frames = (frames - 1) // self.vae_scale_factor_temporal + 1
         self._padding = (-latent_frames) % patch_t if patch_t and frames else 0
