@@ -518,7 +518,7 @@ def flow_serve(
 
 @bench_app.command("run")
 def bench_run(
-    suite: Annotated[str, typer.Option(help="Suite of cases: issue17 (the presets and every headline setting; run it with --memory-cap-gib 23), issue7 (real sizes, needs a CUDA GPU with 80 GB), issue10 (several GPUs) or smoke (tiny model, any machine).")] = "issue7",
+    suite: Annotated[str, typer.Option(help="Suite of cases: issue17 (the presets and every headline setting; run it with --memory-cap-gib 23), issue18 (control training and the adapter kinds; --memory-cap-gib 23 too), issue7 (real sizes, needs a CUDA GPU with 80 GB), issue10 (several GPUs) or smoke (tiny model, any machine).")] = "issue7",
     case: Annotated[Optional[list[str]], typer.Option("--case", help="Run only these cases of the suite (repeatable).")] = None,
     out_file: Annotated[Path, typer.Option("--out", help="JSON results file (rewritten after every case).")] = Path("bench/results/latest.json"),
     reference: Annotated[Optional[Path], typer.Option(help="The reference step script (anchor_lora_step.py) to run side by side.")] = None,

@@ -212,6 +212,11 @@ ISSUE17: tuple[Case, ...] = (
          VALIDATION_50 + ("validate.compile=true", "validate.offload=model", "validate.vae_tiling=false",
                           "validate.cache=first_block") + FA4,
          steps=1, warmup=1, profile=True, note="as 5b-generate-fa4-untiled with diffusers' FirstBlockCache"),
+    Case("5b-generate-pyramid-fa4", "generate", "cogvideox-5b", S49,
+         VALIDATION_50 + ("validate.compile=true", "validate.offload=model", "validate.vae_tiling=false",
+                          "validate.cache=pyramid_broadcast") + FA4,
+         steps=1, warmup=1, note="as 5b-generate-fa4-untiled with diffusers' pyramid attention broadcast "
+                                 "(a fixed skip schedule: its speedup does not depend on the weights)"),
     Case("5b-full-fa4", "train", "cogvideox-5b", S49, ("train.method=full", "train.preset=balanced") + FA4, "5b",
          targets={"peak_reserved_gib": 20.0, "s_per_step_median": 3.8}, steps=3, warmup=2, profile=True,
          note="5b-full with FlashAttention-4 kernels"),
