@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cogvx.benchmark.cases import ISSUE7, ISSUE10, Case, select
+from cogvx.benchmark.cases import ISSUE7, ISSUE10, ISSUE17, ISSUE18, Case, select
 from cogvx.benchmark.report import README_BEGIN, README_END, load_results, markdown, update_readme
 from cogvx.benchmark.suite import compare, last_result_line
 from cogvx.errors import CogvxError
@@ -24,7 +24,8 @@ def test_smoke_suite_runs_every_kind_through_the_cli(run_cli, tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads(out.read_text())
     cases = {case["case"]: case for case in report["cases"]}
-    assert set(cases) == {"tiny-lora", "tiny-lora-fp8-offload", "tiny-lora-ddp", "tiny-validate", "tiny-generate"}
+    assert set(cases) == {"tiny-lora", "tiny-lora-fp8-offload", "tiny-lora-ddp", "tiny-validate", "tiny-generate",
+                          "tiny-control-lokr-validate"}
     # The launched case: 2 processes under accelerate (gloo here), both measured, scaling computed.
     ddp = cases["tiny-lora-ddp"]
     assert ddp["processes"] == 2 and ddp["distributed_type"] == "MULTI_CPU", ddp
@@ -33,14 +34,17 @@ def test_smoke_suite_runs_every_kind_through_the_cli(run_cli, tmp_path):
         assert len(cases[name]["step_s"]) == 2 or name == "tiny-validate", cases[name]
         assert math.isfinite(cases[name]["loss"]), cases[name]
     assert "validation" in cases["tiny-validate"]["phases"]
+    control = cases["tiny-control-lokr-validate"]
+    assert "validation" in control["phases"] and control["in_channels"] == 2 * cases["tiny-lora"]["in_channels"], control
+    assert control["trainable_params"] > 0, control
     assert cases["tiny-generate"]["frames"] == 9 and cases["tiny-generate"]["seconds"] > 0
     assert "tiny-lora-fp8-offload" in done.stdout  # the table is printed
 
 
-def test_every_issue7_case_is_a_valid_config(tmp_path):
+def test_every_real_size_case_is_a_valid_config(tmp_path):
     from cogvx.benchmark.worker import case_config
 
-    for case in (*ISSUE7, *ISSUE10):
+    for case in (*ISSUE7, *ISSUE10, *ISSUE17, *ISSUE18):
         config = case_config(case, tmp_path)  # raises ConfigError on a bad override
         assert config.spec.key == case.variant and (config.frames, config.height, config.width) == case.size
 

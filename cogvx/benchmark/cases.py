@@ -108,6 +108,9 @@ SMOKE: tuple[Case, ...] = (
          ("validate.num_inference_steps=2", "train.attention_backend=flash"), steps=1, warmup=1),
     Case("tiny-generate", "generate", "tiny-t2v", (9, 64, 96),
          ("validate.num_inference_steps=2", "train.attention_backend=flash"), steps=1, warmup=1, profile=True),
+    Case("tiny-control-lokr-validate", "validate", "tiny-t2v", (9, 64, 96),
+         ("validate.num_inference_steps=2", "data.control=canny", "train.lora.kind=lokr", "train.lora.rank=4"),
+         steps=1, warmup=1, note="the issue18 cases' code paths: widened input, control latents, control render"),
 )
 
 # Several GPUs (issue 10): DDP scaling of the fast LoRA step, sharded full fine-tuning, prepare.

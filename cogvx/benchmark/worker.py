@@ -130,7 +130,11 @@ def run_train(case: Case, workdir: Path, device: torch.device, clips: Path | Non
     meter.stop("train")
     if not all(math.isfinite(loss) for loss in losses):
         raise CogvxError(f"{case.name}: non-finite loss {losses}")
+    model = run.model
     result = {"weights_gib": round(weights, 3), "loss": losses[-1], "phases": meter.phases,
+              # what really trained: a control model's widened input shows as in_channels (16 -> 32)
+              "in_channels": int(getattr(model, "_orig_mod", model).config.in_channels),
+              "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
               **_step_figures(seconds, case.warmup, config.train.batch_size * run.accelerator.num_processes)}
     if case.profile and device.type == "cuda":
         result["profile"] = profile
