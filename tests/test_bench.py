@@ -80,13 +80,13 @@ def test_unknown_suite_or_case_is_a_clear_error():
 
 
 def test_readme_memory_table_is_generated_from_the_committed_results():
-    results = sorted((REPO / "bench" / "results").glob("issue17-h200-*.json"))
+    results = sorted((REPO / "bench" / "results").glob("issue1[78]-h200-*.json"))
     assert results, "no committed benchmark results"
     reports = load_results(results)
     assert all(report["memory_cap_gib"] == 23 for report in reports), "the README's figures come from the capped suite"
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     block = readme.split(README_BEGIN, 1)[1].split(README_END, 1)[0]
-    assert block == "\n" + markdown(reports), "run `cogvx bench table bench/results/issue17-h200-*.json --readme README.md`"
+    assert block == "\n" + markdown(reports), "run `cogvx bench table bench/results/issue1[78]-h200-*.json --readme README.md`"
 
 
 def test_update_readme_replaces_only_the_marked_block(tmp_path):

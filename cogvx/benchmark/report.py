@@ -18,7 +18,11 @@ SHORT = {"train.fp8_base_weights=true": "fp8 weights", "train.compile=blocks": "
          "validate.offload=none": "no offload", "validate.fp8_compute=true": "fp8 compute (torchao)",
          "train.preset=speed": "preset speed", "train.preset=balanced": "preset balanced", "train.preset=lean": "preset lean",
          "train.fp8_compute=true": "fp8 GEMMs", "train.keep_attention_outputs=true": "attention outputs kept",
-         "validate.num_inference_steps=2": "2-step validation render"}
+         "validate.num_inference_steps=2": "2-step validation render",
+         "data.control=canny": "canny control (input 16 -> 32 channels)", "train.lora.kind=dora": "DoRA",
+         "train.lora.kind=lokr": "LoKr", "train.lora.kind=loha": "LoHa", "validate.vae_tiling=false": "untiled VAE decode",
+         "validate.cache=first_block": "first-block cache", "validate.cache=pyramid_broadcast": "pyramid attention broadcast",
+         "prepare.compile=true": "VAE encoder compiled"}
 
 
 DEFAULTS = {"train": "defaults (bf16 weights, eager, AdamW)", "validate": "defaults (bf16 weights, eager, AdamW)",
