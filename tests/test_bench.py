@@ -115,3 +115,22 @@ def test_scaling_efficiency_and_launch_commands(tmp_path):
     assert "accelerate.commands.launch" not in worker_command(case, "issue10", tmp_path, None, 1)
     fsdp = next(c for c in ISSUE10 if c.launch == "fsdp2.yaml")
     assert "accelerate.commands.launch" in worker_command(fsdp, "issue10", tmp_path, None, 1)
+
+
+def test_a_case_environment_reaches_its_process_and_its_table_row():
+    """A case's own environment (here the CUDA allocator's settings) is set in the measuring
+    process beside the simulated card's cap, recorded in the result and named in the table."""
+    import sys
+
+    from cogvx.benchmark.report import rows
+    from cogvx.benchmark.suite import RESULT_PREFIX, _run_json, worker_env
+
+    case = next(c for c in ISSUE17 if c.name == "5b-generate-fa4-untiled-expandable")
+    env = worker_env(case, 23.0)
+    probe = (f"import json, os; print({RESULT_PREFIX!r} + json.dumps({{'alloc': os.environ.get('PYTORCH_CUDA_ALLOC_CONF'), "
+             "'cap': os.environ.get('COGVX_BENCH_MEMORY_CAP_GIB')}))")
+    seen = _run_json([sys.executable, "-c", probe], timeout=60, env=env)
+    assert seen["alloc"] == "expandable_segments:True" and seen["cap"] == "23.0"
+    assert worker_env(next(c for c in ISSUE17 if c.name == "5b-generate-fa4"), None) == {"COGVX_BENCH_MEMORY_CAP_GIB": ""}
+    result = {"case": case.name, "kind": "generate", "overrides": list(case.overrides), "env": dict(case.env), "seconds": 70.0}
+    assert "expandable allocator segments" in rows([{"cases": [result]}])[0][1]

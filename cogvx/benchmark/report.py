@@ -22,7 +22,8 @@ SHORT = {"train.fp8_base_weights=true": "fp8 weights", "train.compile=blocks": "
          "data.control=canny": "canny control (input 16 -> 32 channels)", "train.lora.kind=dora": "DoRA",
          "train.lora.kind=lokr": "LoKr", "train.lora.kind=loha": "LoHa", "validate.vae_tiling=false": "untiled VAE decode",
          "validate.cache=first_block": "first-block cache", "validate.cache=pyramid_broadcast": "pyramid attention broadcast",
-         "prepare.compile=true": "VAE encoder compiled"}
+         "prepare.compile=true": "VAE encoder compiled",
+         "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True": "expandable allocator segments"}
 
 
 DEFAULTS = {"train": "defaults (bf16 weights, eager, AdamW)", "validate": "defaults (bf16 weights, eager, AdamW)",
@@ -38,6 +39,11 @@ def settings_text(overrides: list[str], kind: str = "train") -> str:
     """The memory/speed settings of a case in words (the defaults when none is set)."""
     words = [SHORT[o] for o in overrides if o in SHORT]
     return ", ".join(words) or DEFAULTS.get(kind, "defaults")
+
+
+def case_settings(result: dict[str, Any]) -> list[str]:
+    """A result's config overrides and environment settings, as `key=value` strings."""
+    return list(result.get("overrides", [])) + [f"{key}={value}" for key, value in result.get("env", {}).items()]
 
 
 def load_results(paths: list[Path]) -> list[dict[str, Any]]:
@@ -121,7 +127,7 @@ def rows(reports: list[dict[str, Any]]) -> list[list[str]]:
     for index, report in enumerate(reports):
         table += _reference_rows(report)
         for result in report.get("cases", []):
-            settings = settings_text(result.get("overrides", []), result.get("kind", "train")) if "overrides" in result else ""
+            settings = settings_text(case_settings(result), result.get("kind", "train")) if "overrides" in result else ""
             if (index, result["case"]) in superseded:
                 continue
             if "error" in result:

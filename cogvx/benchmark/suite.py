@@ -76,10 +76,17 @@ def run_worker(case: Case, suite: str, workdir: Path, clips: Path | None, timeou
                processes: int | None = None, memory_cap_gib: float | None = None) -> dict[str, Any]:
     processes = processes or case.processes
     command = worker_command(case, suite, workdir, clips, processes)
-    env = {MEMORY_CAP_ENV: str(memory_cap_gib) if memory_cap_gib else ""}
     return {"case": case.name, "kind": case.kind, "variant": case.variant, "size": case.size_text,
             "overrides": list(case.overrides), "launch": case.launch, "processes": processes,
-            **({"memory_cap_gib": memory_cap_gib} if memory_cap_gib else {}), **_run_json(command, timeout, env)}
+            **({"env": dict(case.env)} if case.env else {}),
+            **({"memory_cap_gib": memory_cap_gib} if memory_cap_gib else {}),
+            **_run_json(command, timeout, worker_env(case, memory_cap_gib))}
+
+
+def worker_env(case: Case, memory_cap_gib: float | None) -> dict[str, str]:
+    """What a case's process gets on top of this one's environment: the simulated card's cap
+    (empty: none) and the case's own settings (e.g. the CUDA allocator's)."""
+    return {MEMORY_CAP_ENV: str(memory_cap_gib) if memory_cap_gib else "", **dict(case.env)}
 
 
 def add_scaling(result: dict[str, Any], case: Case, done: list[dict[str, Any]]) -> None:
