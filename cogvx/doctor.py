@@ -19,7 +19,9 @@ OPTIONAL_PARTS = {
     "prefect": "workflow orchestration",
     "mlflow": "experiment tracking",
     "dvc": "data and pipeline versioning",
+    "flash-attn-4": "FlashAttention-4 kernels for train.attention_backend=fa4, Hopper / Blackwell GPUs",
 }
+MODULE_OF = {"flash-attn-4": "flash_attn"}  # distributions whose import name is not their own
 
 
 def package_version(name: str) -> str | None:
@@ -81,7 +83,7 @@ def collect_report() -> dict[str, str]:
     report["suggested preset"] = preset_report()
     for name, purpose in OPTIONAL_PARTS.items():
         version = package_version(name)
-        installed = version if version and util.find_spec(name.replace("-", "_")) else None
+        installed = version if version and util.find_spec(MODULE_OF.get(name, name.replace("-", "_"))) else None
         report[name] = f"{installed}  ({purpose})" if installed else f"not installed ({purpose})"
     report["hub"] = hub_report()
     return report

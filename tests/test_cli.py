@@ -63,7 +63,7 @@ def test_models_lists_the_registry(run_cli):
 def test_doctor_reports_versions_and_device(run_cli):
     result = run_cli("doctor")
     assert result.returncode == 0, result.stderr
-    for item in ("torch", "diffusers", "peft", "device", "hub"):
+    for item in ("torch", "diffusers", "peft", "device", "hub", "flash-attn-4"):
         assert item in result.stdout
 
 

@@ -287,3 +287,48 @@ def test_fa4_backend_runs_flash_attention_4_kernels_and_matches_cudnn(tmp_path):
         losses[backend] = result["loss"]
         assert result["profile"]["attention_backend_seen"] == f"attn-{backend}"
     assert abs(losses["fa4"] - losses["cudnn"]) < 0.02 * abs(losses["cudnn"])
+
+
+@pytest.mark.parametrize(("body", "expected"), [
+    ("raise ImportError(\"No module named 'cutlass'\", name='cutlass')", "installed but cannot be loaded.*dsl_packages"),
+    ("raise RuntimeError('No CTK flavor installed')", "installed but cannot be loaded: RuntimeError: No CTK flavor"),
+])
+def test_a_broken_flash_attention_4_install_is_told_apart_from_a_missing_one(tmp_path, monkeypatch, body, expected):
+    """A flash_attn.cute.interface whose own dependency fails (as an install into a --target
+    folder without its .pth does) gets its own message, not "pip install flash-attn-4"."""
+    import sys
+
+    from cogvx.models import flash4
+
+    package = tmp_path / "flash_attn" / "cute"
+    package.mkdir(parents=True)
+    (tmp_path / "flash_attn" / "__init__.py").write_text("")
+    (package / "__init__.py").write_text("")
+    (package / "interface.py").write_text(body + "\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in [n for n in sys.modules if n == "flash_attn" or n.startswith("flash_attn.")]:
+        monkeypatch.delitem(sys.modules, name)
+    flash4._interface.cache_clear()
+    try:
+        with pytest.raises(CogvxError, match=expected):
+            flash4._interface()
+    finally:
+        flash4._interface.cache_clear()
+        for name in [n for n in sys.modules if n == "flash_attn" or n.startswith("flash_attn.")]:
+            del sys.modules[name]  # the stand-in's modules; monkeypatch puts back any real ones
+
+
+def test_a_missing_flash_attention_4_says_how_to_install_it(monkeypatch):
+    import sys
+
+    from cogvx.models import flash4
+
+    for name in [n for n in sys.modules if n.startswith("flash_attn.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "flash_attn", None)  # import flash_attn raises ImportError(name='flash_attn')
+    flash4._interface.cache_clear()
+    try:
+        with pytest.raises(CogvxError, match="needs FlashAttention-4: pip install flash-attn-4"):
+            flash4._interface()
+    finally:
+        flash4._interface.cache_clear()

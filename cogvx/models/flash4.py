@@ -27,10 +27,26 @@ INSTALL_HINT = "pip install flash-attn-4 (a CUDA 12 or 13 GPU machine; it JIT-co
 
 @cache
 def _interface():
+    """flash-attn-4's interface module; a missing package and a broken install (one of its own
+    dependencies failing to import or to load) get different messages."""
     try:
         return importlib.import_module(FA4_INTERFACE)
     except ImportError as exc:
-        raise CogvxError(f"train.attention_backend = fa4 needs FlashAttention-4: {INSTALL_HINT} ({exc})") from exc
+        if (exc.name or "").split(".")[0] == "flash_attn":
+            raise CogvxError(f"train.attention_backend = fa4 needs FlashAttention-4: {INSTALL_HINT} ({exc})") from exc
+        raise CogvxError(_broken_install(exc)) from exc
+    except (RuntimeError, OSError) as exc:
+        raise CogvxError(_broken_install(exc)) from exc
+
+
+def _broken_install(exc: BaseException) -> str:
+    hint = ""
+    if isinstance(exc, ImportError) and (exc.name or "").split(".")[0] == "cutlass":
+        hint = ("; nvidia-cutlass-dsl puts its cutlass package on the path through a .pth file, which Python reads "
+                "only in site-packages: after pip install --target DIR, add DIR/nvidia_cutlass_dsl/dsl_packages "
+                "to PYTHONPATH")
+    return (f"train.attention_backend = fa4: flash-attn-4 is installed but cannot be loaded: "
+            f"{type(exc).__name__}: {exc}{hint}. Reinstall it (pip install flash-attn-4) or pick cudnn / flash")
 
 
 def _known_kwargs(function, kwargs: dict[str, Any]) -> dict[str, Any]:
