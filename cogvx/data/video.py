@@ -262,6 +262,7 @@ def probe_video(path: str | Path) -> VideoInfo:
     path = Path(path)
     require_regular_file(path)
     with decoder_stderr() as printed:
+        reader = None
         try:
             reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
             frames = len(reader)
@@ -270,6 +271,8 @@ def probe_video(path: str | Path) -> VideoInfo:
             error = None
         except (decord.DECORDError, RuntimeError, IndexError) as err:
             error = err
+        finally:
+            del reader  # decord decodes ahead on a thread: stop it while its messages are still captured
     if error is not None:
         raise VideoError(f"{path}: not a readable video: {decoder_reason(path, error, printed)}") from None
     if frames == 0 or height == 0 or width == 0:
@@ -373,6 +376,7 @@ def read_frames(path: str | Path, indices: list[int]) -> torch.Tensor:
         raise ValueError(f"{path}: no frame indices to read")
     require_regular_file(path)
     with decoder_stderr() as printed:
+        reader = None
         try:
             reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
             count = len(reader)
@@ -382,6 +386,8 @@ def read_frames(path: str | Path, indices: list[int]) -> torch.Tensor:
             error = None
         except (decord.DECORDError, RuntimeError, IndexError) as err:
             error = err
+        finally:
+            del reader  # decord decodes ahead on a thread: stop it while its messages are still captured
     if error is not None:
         raise VideoError(f"{path}: cannot decode frames: {decoder_reason(path, error, printed)}") from None
     if frames is None:
