@@ -31,17 +31,17 @@ def _interface():
     dependencies failing to import or to load) get different messages."""
     try:
         return importlib.import_module(FA4_INTERFACE)
-    except ImportError as exc:
-        if (exc.name or "").split(".")[0] == "flash_attn":
+    except (ImportError, RuntimeError, OSError) as exc:
+        failed = (getattr(exc, "name", None) or "").split(".")[0]  # the package an ImportError could not find
+        if failed == "flash_attn":
             raise CogvxError(f"train.attention_backend = fa4 needs FlashAttention-4: {INSTALL_HINT} ({exc})") from exc
-        raise CogvxError(_broken_install(exc)) from exc
-    except (RuntimeError, OSError) as exc:
-        raise CogvxError(_broken_install(exc)) from exc
+        raise CogvxError(_broken_install(exc, failed)) from exc
 
 
-def _broken_install(exc: BaseException) -> str:
+def _broken_install(exc: BaseException, failed: str) -> str:
+    """The message for an installed flash-attn-4 that fails to load, with the fix where one is known."""
     hint = ""
-    if isinstance(exc, ImportError) and (exc.name or "").split(".")[0] == "cutlass":
+    if failed == "cutlass":
         hint = ("; nvidia-cutlass-dsl puts its cutlass package on the path through a .pth file, which Python reads "
                 "only in site-packages: after pip install --target DIR, add DIR/nvidia_cutlass_dsl/dsl_packages "
                 "to PYTHONPATH")
