@@ -1,7 +1,8 @@
 """Where a 5b render's time goes, piece by piece, at the real size with random weights: one
 classifier-free-guidance denoising step (batch 2, 49x480x720) eager and with compiled blocks,
 per attention kernel, bf16 and fp8 compute, with the compiled step's kernels by category; and
-the VAE decode of the 13 latent frames, tiled and untiled, with its peak memory. Prints a
+the VAE decode of the 13 latent frames, tiled and untiled, with cuDNN autotuning and compiled,
+with its peak memory. Prints a
 table and writes JSON. Run under a memory cap (--memory-cap-gib) to see what a 24 GB card does.
 
     python bench/render_anatomy.py --memory-cap-gib 23 --out bench/results/render-anatomy-h200.json
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -21,6 +23,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cogvx.benchmark.profiling import profile_kernels  # noqa: E402
+from cogvx.benchmark.suite import git_commit  # noqa: E402
+from cogvx.inference import compile_vae_decoder  # noqa: E402
 from cogvx.models.build import build_transformer, build_vae  # noqa: E402
 from cogvx.models.performance import compile_blocks, quantize_fp8_compute, set_attention_backend  # noqa: E402
 from cogvx.models.specs import get_spec  # noqa: E402
@@ -47,8 +51,9 @@ def transformer_rows(device, backends: list[str]) -> list[dict]:
     spec = get_spec("cogvideox-5b")
     model = build_transformer(spec, torch.bfloat16, device).eval().requires_grad_(False)
     latents = torch.randn(2, *LATENT, device=device, dtype=torch.bfloat16)  # [B, F, C, h, w]
-    text = torch.randn(2, 226, 4096, device=device, dtype=torch.bfloat16)  # [B, L, D]
-    rotary = rotary_embeddings(model, 480, 720, LATENT[0], device)
+    text = torch.randn(2, model.config.max_text_seq_length, model.config.text_embed_dim, device=device,
+                       dtype=torch.bfloat16)  # [B, L, D]
+    rotary = rotary_embeddings(model, LATENT[2] * 8, LATENT[3] * 8, LATENT[0], device)  # pixels: 8x the latent grid
     timestep = torch.tensor([500, 500], device=device)
 
     def step():
@@ -74,24 +79,66 @@ def transformer_rows(device, backends: list[str]) -> list[dict]:
     return rows
 
 
+VAE_SETTINGS = (  # (name, tiled, cudnn.benchmark, compiled decoder: validate.compile_vae)
+    ("vae decode tiled", True, False, False),  # as cogvx generate decodes by default
+    ("vae decode tiled, cudnn benchmark", True, True, False),
+    ("vae decode untiled, cudnn benchmark", False, True, False),
+    ("vae decode untiled, compiled", False, True, True),
+    ("vae decode tiled, compiled", True, True, True),
+)
+
+
 def vae_rows(device) -> list[dict]:
-    """The decode of one 49x480x720 clip's latents, tiled and untiled (peak memory of each)."""
+    """The decode of one 49x480x720 clip's latents in each VAE_SETTINGS (time, peak memory,
+    the first call's seconds: autotuning / compiling) and the kernels of today's and the
+    compiled decodes."""
     vae = build_vae(get_spec("cogvideox-5b"), torch.bfloat16, device).eval().requires_grad_(False)
     vae.enable_slicing()
     latents = torch.randn(1, LATENT[1], LATENT[0], *LATENT[2:], device=device, dtype=torch.bfloat16)  # [B, C, F, h, w]
     rows = []
-    for tiled in (True, False):
+    for name, tiled, benchmark, compiled in VAE_SETTINGS:
         vae.enable_tiling() if tiled else vae.disable_tiling()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-        try:
-            with torch.no_grad():
-                seconds = seconds_per_call(lambda: vae.decode(latents), warmup=1, repeat=2)
-            rows.append({"setting": f"vae decode {'tiled' if tiled else 'untiled'}", "s_per_step": seconds,
-                         "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30})
-        except torch.OutOfMemoryError:
-            rows.append({"setting": f"vae decode {'tiled' if tiled else 'untiled'}", "oom": True})
+        torch.backends.cudnn.benchmark = benchmark
+        vae.decoder._compiled_call_impl = None  # eager again
+        torch._dynamo.reset()
+        if compiled:
+            compile_vae_decoder(vae, dynamic=tiled)
+        rows.append(vae_row(vae, latents, name, profile=compiled or not benchmark, device=device))
+    torch.backends.cudnn.benchmark = False
+    del vae
+    torch.cuda.empty_cache()
     return rows
+
+
+def vae_row(vae, latents, name: str, profile: bool, device) -> dict:
+    """One decode setting: the first call (autotuning, compiling), the median of two more."""
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    decode = lambda: vae.decode(latents)  # noqa: E731
+    try:
+        with torch.no_grad():
+            started = time.perf_counter()
+            decode()
+            torch.cuda.synchronize()
+            first = time.perf_counter() - started
+            row = {"setting": name, "s_per_step": seconds_per_call(decode, warmup=0, repeat=2),
+                   "first_call_s": round(first, 1), "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30,
+                   "peak_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30}
+            if profile:
+                row["profile"] = profile_kernels(decode)
+            return row
+    except torch.OutOfMemoryError as err:
+        return {"setting": name, "oom": True, "detail": str(err)[:300]}
+
+
+def print_row(row: dict) -> None:
+    """One line of the table: seconds, then peak memory or GPU time by kernel category."""
+    categories = (row.get("profile") or {}).get("by_category_s", {})
+    shown = ", ".join(f"{key} {value:.3f}" for key, value in categories.items() if value > 0.005)
+    if "peak_reserved_gib" in row:
+        shown = f"peak reserved {row['peak_reserved_gib']:.2f} GiB, first call {row['first_call_s']} s; {shown}"
+    print(f"{row['setting']:36} {row.get('s_per_step', float('nan')):7.3f} s  {'OOM' if row.get('oom') else shown}",
+          flush=True)
 
 
 def main() -> int:
@@ -105,15 +152,17 @@ def main() -> int:
     if args.memory_cap_gib:
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(args.memory_cap_gib * 2**30 / total, device)
-    rows = ([] if args.no_vae else vae_rows(device)) + transformer_rows(device, args.backend or ["cudnn", "fa4"])
-    args.out.write_text(json.dumps({"gpu": torch.cuda.get_device_name(device), "torch": torch.__version__,
-                                    "memory_cap_gib": args.memory_cap_gib, "rows": rows}, indent=2))
-    print(f"{'setting':28} {'s':>8}  GPU time by category")
-    for row in rows:
-        categories = (row.get("profile") or {}).get("by_category_s", {})
-        shown = ", ".join(f"{key} {value:.3f}" for key, value in categories.items() if value > 0.005)
-        extra = f"peak reserved {row['peak_reserved_gib']:.2f} GiB" if "peak_reserved_gib" in row else shown
-        print(f"{row['setting']:28} {row.get('s_per_step', float('nan')):8.3f}  {'OOM' if row.get('oom') else extra}")
+    rows: list[dict] = []
+    for section in ([] if args.no_vae else [vae_rows]) + [lambda d: transformer_rows(d, args.backend or ["cudnn", "fa4"])]:
+        added = section(device)
+        for row in added:
+            print_row(row)
+        rows += added
+        # Written after each section: a run cut short by a time limit keeps what it measured.
+        args.out.write_text(json.dumps({"gpu": torch.cuda.get_device_name(device), "torch": torch.__version__,
+                                        "commit": git_commit(), "memory_cap_gib": args.memory_cap_gib,
+                                        "allocator": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""), "rows": rows},
+                                       indent=2))
     return 0
 
 
