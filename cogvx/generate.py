@@ -165,7 +165,7 @@ def _log_strength(meta: dict, path: Path, scale: float, log=print) -> None:
 
 def generation_pipeline(config: Config, request: GenerateRequest, log=print, transformer_module=None):
     """The base pipeline with the request's weights, placed for rendering (validate.offload,
-    vae_tiling, compile); ``transformer_module`` replaces the transformer (benchmarks).
+    vae_tiling, compile, compile_vae); ``transformer_module`` replaces the transformer (benchmarks).
 
     validate.cache goes on before the offload hooks (see apply_render_cache) and stays for the
     pipeline's life: the pipeline resets the cache's state at the end of every call."""
@@ -195,7 +195,8 @@ def generation_pipeline(config: Config, request: GenerateRequest, log=print, tra
         _quantize_for_rendering(pipe, device, lora is not None, log)
     if apply_render_cache(pipe.transformer, config, lambda: pipe.current_timestep, request_guidance(config, request)):
         log(f"render cache: {validate.cache} (diffusers; faster, output changes a little)")
-    prepare_for_device(pipe, device, validate.offload, validate.vae_tiling, validate.compile)
+    prepare_for_device(pipe, device, validate.offload, validate.vae_tiling, validate.compile,
+                       validate.compile_vae)
     return pipe, device
 
 

@@ -54,8 +54,8 @@ def pick_device() -> torch.device:
 
 
 def prepare_for_device(pipe, device: torch.device, offload: str = "model", vae_tiling: bool = True,
-                       compile_blocks: bool = False) -> None:
-    """Place the pipeline for rendering (validate.offload / vae_tiling / compile).
+                       compile_blocks: bool = False, compile_vae: bool = False) -> None:
+    """Place the pipeline for rendering (validate.offload / vae_tiling / compile / compile_vae).
 
     CPU: everything on the CPU. GPU: ``model`` offload keeps one component (T5, transformer,
     VAE) on the GPU at a time, ``sequential`` one layer, ``none`` all of them; tiling decodes
@@ -77,6 +77,20 @@ def prepare_for_device(pipe, device: torch.device, offload: str = "model", vae_t
     if vae_tiling:
         pipe.vae.enable_tiling()
     pipe.vae.enable_slicing()
+    if compile_vae:
+        compile_vae_decoder(pipe.vae, dynamic=vae_tiling)
+
+
+def compile_vae_decoder(vae, dynamic: bool) -> None:
+    """torch.compile the VAE decoder in place (module names kept), cuDNN autotuning its
+    convolutions. A tiled decode sees several tile shapes (the last row and column are
+    shorter): ``dynamic`` sizes give one graph for them instead of one per shape, each
+    recompiled; untiled, the frame batches give two static graphs (the first, without the
+    causal convolutions' cache, and the rest)."""
+    if getattr(vae.decoder, "_compiled_call_impl", None) is not None:
+        return
+    torch.backends.cudnn.benchmark = True
+    vae.decoder.compile(dynamic=dynamic)
 
 
 def _blocks_compiled(transformer) -> bool:

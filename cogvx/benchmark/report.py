@@ -22,7 +22,7 @@ SHORT = {"train.fp8_base_weights=true": "fp8 weights", "train.compile=blocks": "
          "data.control=canny": "canny control (input 16 -> 32 channels)", "train.lora.kind=dora": "DoRA",
          "train.lora.kind=lokr": "LoKr", "train.lora.kind=loha": "LoHa", "validate.vae_tiling=false": "untiled VAE decode",
          "validate.cache=first_block": "first-block cache", "validate.cache=pyramid_broadcast": "pyramid attention broadcast",
-         "prepare.compile=true": "VAE encoder compiled",
+         "prepare.compile=true": "VAE encoder compiled", "validate.compile_vae=true": "VAE decoder compiled",
          "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True": "expandable allocator segments"}
 
 
