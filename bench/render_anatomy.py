@@ -46,8 +46,8 @@ def seconds_per_call(work, warmup: int = 2, repeat: int = 4) -> float:
     return statistics.median(times)
 
 
-def transformer_rows(device, backends: list[str]) -> list[dict]:
-    """One CFG step (batch 2) in each setting, eager then compiled, then fp8 compute."""
+def transformer_rows(device, backends: list[str]):
+    """One CFG step (batch 2) in each setting, eager then compiled, then fp8 compute; yields a row each."""
     spec = get_spec("cogvideox-5b")
     model = build_transformer(spec, torch.bfloat16, device).eval().requires_grad_(False)
     latents = torch.randn(2, *LATENT, device=device, dtype=torch.bfloat16)  # [B, F, C, h, w]
@@ -61,56 +61,48 @@ def transformer_rows(device, backends: list[str]) -> list[dict]:
             model(hidden_states=latents, encoder_hidden_states=text, timestep=timestep,
                   image_rotary_emb=rotary, return_dict=False)
 
-    rows = []
     for backend in backends:
         set_attention_backend(model, backend, device)
-        rows.append({"setting": f"eager {backend}", "s_per_step": seconds_per_call(step)})
+        yield ({"setting": f"eager {backend}", "s_per_step": seconds_per_call(step)})
     compile_blocks(model)
     for backend in backends:
         set_attention_backend(model, backend, device)
-        rows.append({"setting": f"compiled {backend}", "s_per_step": seconds_per_call(step),
+        yield ({"setting": f"compiled {backend}", "s_per_step": seconds_per_call(step),
                      "profile": profile_kernels(step)})
     quantize_fp8_compute(model, device)
     compile_blocks(model)
-    rows.append({"setting": f"compiled {backends[-1]} fp8", "s_per_step": seconds_per_call(step),
+    yield ({"setting": f"compiled {backends[-1]} fp8", "s_per_step": seconds_per_call(step),
                  "profile": profile_kernels(step)})
     del model
     torch.cuda.empty_cache()
-    return rows
 
 
-VAE_SETTINGS = (  # (name, tiled, cudnn.benchmark, compiled decoder: validate.compile_vae)
-    ("vae decode tiled", True, False, False),  # as cogvx generate decodes by default
-    ("vae decode tiled, cudnn benchmark", True, True, False),
-    ("vae decode untiled, cudnn benchmark", False, True, False),
-    ("vae decode untiled, compiled", False, True, True),
-    ("vae decode tiled, compiled", True, True, True),
+VAE_SETTINGS = (  # (name, tiled, compiled decoder: validate.compile_vae)
+    ("vae decode tiled", True, False),  # as cogvx generate decodes by default
+    ("vae decode tiled, compiled", True, True),
+    ("vae decode untiled, compiled", False, True),
+    ("vae decode untiled", False, False),
 )
 
 
-def vae_rows(device) -> list[dict]:
+def vae_rows(device):
     """The decode of one 49x480x720 clip's latents in each VAE_SETTINGS (time, peak memory,
-    the first call's seconds: autotuning / compiling) and the kernels of today's and the
-    compiled decodes."""
+    the first call's seconds: compiling) with its kernels; yields a row per setting."""
     vae = build_vae(get_spec("cogvideox-5b"), torch.bfloat16, device).eval().requires_grad_(False)
     vae.enable_slicing()
     latents = torch.randn(1, LATENT[1], LATENT[0], *LATENT[2:], device=device, dtype=torch.bfloat16)  # [B, C, F, h, w]
-    rows = []
-    for name, tiled, benchmark, compiled in VAE_SETTINGS:
+    for name, tiled, compiled in VAE_SETTINGS:
         vae.enable_tiling() if tiled else vae.disable_tiling()
-        torch.backends.cudnn.benchmark = benchmark
         vae.decoder._compiled_call_impl = None  # eager again
         torch._dynamo.reset()
         if compiled:
             compile_vae_decoder(vae, dynamic=tiled)
-        rows.append(vae_row(vae, latents, name, profile=compiled or not benchmark, device=device))
-    torch.backends.cudnn.benchmark = False
+        yield vae_row(vae, latents, name, device=device)
     del vae
     torch.cuda.empty_cache()
-    return rows
 
 
-def vae_row(vae, latents, name: str, profile: bool, device) -> dict:
+def vae_row(vae, latents, name: str, device) -> dict:
     """One decode setting: the first call (autotuning, compiling), the median of two more."""
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
@@ -124,8 +116,7 @@ def vae_row(vae, latents, name: str, profile: bool, device) -> dict:
             row = {"setting": name, "s_per_step": seconds_per_call(decode, warmup=0, repeat=2),
                    "first_call_s": round(first, 1), "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30,
                    "peak_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30}
-            if profile:
-                row["profile"] = profile_kernels(decode)
+            row["profile"] = profile_kernels(decode)
             return row
     except torch.OutOfMemoryError as err:
         return {"setting": name, "oom": True, "detail": str(err)[:300]}
@@ -147,22 +138,24 @@ def main() -> int:
     parser.add_argument("--memory-cap-gib", type=float, default=None)
     parser.add_argument("--backend", action="append", help="attention backends (default cudnn, fa4)")
     parser.add_argument("--no-vae", action="store_true", help="leave out the VAE decode rows")
+    parser.add_argument("--no-transformer", action="store_true", help="leave out the transformer rows")
     args = parser.parse_args()
     device = torch.device("cuda", torch.cuda.current_device())
     if args.memory_cap_gib:
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(args.memory_cap_gib * 2**30 / total, device)
     rows: list[dict] = []
-    for section in ([] if args.no_vae else [vae_rows]) + [lambda d: transformer_rows(d, args.backend or ["cudnn", "fa4"])]:
-        added = section(device)
-        for row in added:
+    sections = ([] if args.no_vae else [vae_rows]) + ([] if args.no_transformer else [
+        lambda d: transformer_rows(d, args.backend or ["cudnn", "fa4"])])
+    for section in sections:
+        for row in section(device):
             print_row(row)
-        rows += added
-        # Written after each section: a run cut short by a time limit keeps what it measured.
-        args.out.write_text(json.dumps({"gpu": torch.cuda.get_device_name(device), "torch": torch.__version__,
-                                        "commit": git_commit(), "memory_cap_gib": args.memory_cap_gib,
-                                        "allocator": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""), "rows": rows},
-                                       indent=2))
+            rows.append(row)
+            # Written after each row: a run cut short by a time limit keeps what it measured.
+            args.out.write_text(json.dumps({"gpu": torch.cuda.get_device_name(device), "torch": torch.__version__,
+                                            "commit": git_commit(), "memory_cap_gib": args.memory_cap_gib,
+                                            "allocator": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""), "rows": rows},
+                                           indent=2))
     return 0
 
 

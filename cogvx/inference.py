@@ -82,14 +82,12 @@ def prepare_for_device(pipe, device: torch.device, offload: str = "model", vae_t
 
 
 def compile_vae_decoder(vae, dynamic: bool) -> None:
-    """torch.compile the VAE decoder in place (module names kept), cuDNN autotuning its
-    convolutions. A tiled decode sees several tile shapes (the last row and column are
+    """torch.compile the VAE decoder in place (module names kept). A tiled decode sees several tile shapes (the last row and column are
     shorter): ``dynamic`` sizes give one graph for them instead of one per shape, each
     recompiled; untiled, the frame batches give two static graphs (the first, without the
     causal convolutions' cache, and the rest)."""
     if getattr(vae.decoder, "_compiled_call_impl", None) is not None:
         return
-    torch.backends.cudnn.benchmark = True
     vae.decoder.compile(dynamic=dynamic)
 
 
