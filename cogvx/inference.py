@@ -67,7 +67,13 @@ def prepare_for_device(pipe, device: torch.device, offload: str = "model", vae_t
         compile_transformer_blocks(pipe.transformer)
     if device.type != "cuda":
         pipe.to(device)
-        return
+    else:
+        _place_on_gpu(pipe, device, offload, vae_tiling)
+    if compile_vae:
+        compile_vae_decoder(pipe.vae, dynamic=pipe.vae.use_tiling)
+
+
+def _place_on_gpu(pipe, device: torch.device, offload: str, vae_tiling: bool) -> None:
     if offload == "model":
         pipe.enable_model_cpu_offload(device=device)
     elif offload == "sequential":
@@ -77,15 +83,13 @@ def prepare_for_device(pipe, device: torch.device, offload: str = "model", vae_t
     if vae_tiling:
         pipe.vae.enable_tiling()
     pipe.vae.enable_slicing()
-    if compile_vae:
-        compile_vae_decoder(pipe.vae, dynamic=vae_tiling)
 
 
 def compile_vae_decoder(vae, dynamic: bool) -> None:
-    """torch.compile the VAE decoder in place (module names kept). A tiled decode sees several tile shapes (the last row and column are
-    shorter): ``dynamic`` sizes give one graph for them instead of one per shape, each
-    recompiled; untiled, the frame batches give two static graphs (the first, without the
-    causal convolutions' cache, and the rest)."""
+    """torch.compile the VAE decoder in place (module names kept). A tiled decode sees several
+    tile shapes (the last row and column are shorter): ``dynamic`` sizes give one graph for
+    them instead of one per shape, each recompiled; untiled, the frame batches give two static
+    graphs (the first, without the causal convolutions' cache, and the rest)."""
     if getattr(vae.decoder, "_compiled_call_impl", None) is not None:
         return
     vae.decoder.compile(dynamic=dynamic)

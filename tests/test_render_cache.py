@@ -177,3 +177,15 @@ def test_fp8_render_with_offload_hooks_is_refused_before_loading(tiny_models):
         with pytest.raises(ConfigError, match=f"validate.offload = {offload}: .* set validate.offload = none"):
             tiny_config(model, "validate.fp8_compute=true", f"validate.offload={offload}")
     assert tiny_config(model, "validate.fp8_compute=true", "validate.offload=none").validate_.fp8_compute
+
+
+@pytest.mark.slow
+def test_compiled_vae_decoder_renders_the_uncached_clip(tiny_models, uncached, tmp_path):
+    """validate.compile_vae (not a cache, a render option beside them): the pipeline's decoder
+    is compiled, and decodes what the eager one does up to the rounding of fused kernels."""
+    config = tiny_config(tiny_models["tiny-t2v"], "validate.compile_vae=true")
+    request = GenerateRequest(prompt="a red circle", out=tmp_path / "clip.mp4")
+    pipe, device = generation_pipeline(config, request, log=lambda *_: None)
+    assert pipe.vae.decoder._compiled_call_impl is not None
+    compiled = render_request(pipe, config, request, device, log=lambda *_: None)
+    assert relative_difference(compiled, uncached) < 1e-3
