@@ -183,6 +183,12 @@ ISSUE17: tuple[Case, ...] = (
          VALIDATION_50 + ("validate.compile=true", "validate.offload=model", "train.attention_backend=cudnn",
                           "validate.cache=first_block"),
          steps=1, warmup=1, note="as 5b-generate with diffusers' FirstBlockCache (validate.cache)"),
+    Case("5b-generate-pyramid", "generate", "cogvideox-5b", S49,
+         VALIDATION_50 + ("validate.compile=true", "validate.offload=model", "train.attention_backend=cudnn",
+                          "validate.cache=pyramid_broadcast"),
+         steps=1, warmup=1, profile=True,
+         note="as 5b-generate with diffusers' pyramid attention broadcast (a fixed skip schedule: its speedup "
+              "does not depend on the weights)"),
     # FlashAttention-4 (train.attention_backend=fa4, flash-attn-4 installed on the GPU machine)
     Case("5b-speed-fa4", "train", "cogvideox-5b", S49, LORA_64 + SPEED + FA4, "5b", targets={"time_ratio": 0.6},
          steps=4, warmup=2, profile=True, note="preset speed with FlashAttention-4 kernels"),
