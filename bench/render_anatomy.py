@@ -1,9 +1,9 @@
 """Where a 5b render's time goes, piece by piece, at the real size with random weights: one
 classifier-free-guidance denoising step (batch 2, 49x480x720) eager and with compiled blocks,
 per attention kernel, bf16 and fp8 compute, with the compiled step's kernels by category; and
-the VAE decode of the 13 latent frames, tiled and untiled, with cuDNN autotuning and compiled,
-with its peak memory. Prints a
-table and writes JSON. Run under a memory cap (--memory-cap-gib) to see what a 24 GB card does.
+the VAE decode of the 13 latent frames, tiled and untiled, eager and compiled
+(validate.compile_vae), with its peak memory. Prints each row as it finishes and writes JSON
+after each. Run under a memory cap (--memory-cap-gib) to see what a 24 GB card does.
 
     python bench/render_anatomy.py --memory-cap-gib 23 --out bench/results/render-anatomy-h200.json
 """
@@ -63,16 +63,16 @@ def transformer_rows(device, backends: list[str]):
 
     for backend in backends:
         set_attention_backend(model, backend, device)
-        yield ({"setting": f"eager {backend}", "s_per_step": seconds_per_call(step)})
+        yield {"setting": f"eager {backend}", "s_per_step": seconds_per_call(step)}
     compile_blocks(model)
     for backend in backends:
         set_attention_backend(model, backend, device)
-        yield ({"setting": f"compiled {backend}", "s_per_step": seconds_per_call(step),
-                     "profile": profile_kernels(step)})
+        yield {"setting": f"compiled {backend}", "s_per_step": seconds_per_call(step),
+               "profile": profile_kernels(step)}
     quantize_fp8_compute(model, device)
     compile_blocks(model)
-    yield ({"setting": f"compiled {backends[-1]} fp8", "s_per_step": seconds_per_call(step),
-                 "profile": profile_kernels(step)})
+    yield {"setting": f"compiled {backends[-1]} fp8", "s_per_step": seconds_per_call(step),
+           "profile": profile_kernels(step)}
     del model
     torch.cuda.empty_cache()
 
