@@ -103,7 +103,7 @@ def vae_rows(device):
 
 
 def vae_row(vae, latents, name: str, device) -> dict:
-    """One decode setting: the first call (autotuning, compiling), the median of two more."""
+    """One decode setting: the first call (compiling), the median of two more, and its kernels."""
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     decode = lambda: vae.decode(latents)  # noqa: E731

@@ -90,13 +90,17 @@ def compile_vae_decoder(vae, dynamic: bool) -> None:
     tile shapes (the last row and column are shorter): ``dynamic`` sizes give one graph for
     them instead of one per shape, each recompiled; untiled, the frame batches give two static
     graphs (the first, without the causal convolutions' cache, and the rest)."""
-    if getattr(vae.decoder, "_compiled_call_impl", None) is not None:
-        return
-    vae.decoder.compile(dynamic=dynamic)
+    if not _is_compiled(vae.decoder):
+        vae.decoder.compile(dynamic=dynamic)
+
+
+def _is_compiled(module: torch.nn.Module) -> bool:
+    """Whether ``module.compile()`` was called on the module."""
+    return getattr(module, "_compiled_call_impl", None) is not None
 
 
 def _blocks_compiled(transformer) -> bool:
-    return any(getattr(block, "_compiled_call_impl", None) is not None for block in transformer.transformer_blocks)
+    return any(_is_compiled(block) for block in transformer.transformer_blocks)
 
 
 def render_cache_config(kind: str, threshold: float, current_timestep: Callable[[], Any], guidance_scale: float):
