@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cogvx.benchmark.profiling import profile_kernels  # noqa: E402
 from cogvx.benchmark.suite import git_commit  # noqa: E402
-from cogvx.inference import compile_vae_decoder  # noqa: E402
+from cogvx.inference import compile_vae_decoder, vae_tile_settings  # noqa: E402
 from cogvx.models.build import build_transformer, build_vae  # noqa: E402
 from cogvx.models.performance import compile_blocks, quantize_fp8_compute, set_attention_backend  # noqa: E402
 from cogvx.models.specs import get_spec  # noqa: E402
@@ -77,26 +77,36 @@ def transformer_rows(device, backends: list[str]):
     torch.cuda.empty_cache()
 
 
-VAE_SETTINGS = (  # (name, tiled, compiled decoder: validate.compile_vae)
-    ("vae decode tiled", True, False),  # as cogvx generate decodes by default
-    ("vae decode tiled, compiled", True, True),
-    ("vae decode untiled, compiled", False, True),
-    ("vae decode untiled", False, False),
+VAE_SETTINGS = (  # (name, tiles: None = untiled, () = diffusers' tiles, (rows, cols); compiled decoder)
+    ("vae decode tiled", (), False),  # as cogvx generate decodes by default (3 x 3 tiles)
+    ("vae decode tiles 2x2", (2, 2), False),
+    ("vae decode tiles 1x2", (1, 2), False),
+    ("vae decode untiled", None, False),
+    ("vae decode tiles 1x2, compiled", (1, 2), True),
+    ("vae decode tiled, compiled", (), True),
+    ("vae decode untiled, compiled", None, True),
 )
 
 
-def vae_rows(device):
+def vae_rows(device, only: list[str] | None = None):
     """The decode of one 49x480x720 clip's latents in each VAE_SETTINGS (time, peak memory,
     the first call's seconds: compiling) with its kernels; yields a row per setting."""
     vae = build_vae(get_spec("cogvideox-5b"), torch.bfloat16, device).eval().requires_grad_(False)
     vae.enable_slicing()
+    defaults = {key: getattr(vae, key) for key in ("tile_sample_min_height", "tile_sample_min_width",
+                                                   "tile_overlap_factor_height", "tile_overlap_factor_width")}
     latents = torch.randn(1, LATENT[1], LATENT[0], *LATENT[2:], device=device, dtype=torch.bfloat16)  # [B, C, F, h, w]
-    for name, tiled, compiled in VAE_SETTINGS:
-        vae.enable_tiling() if tiled else vae.disable_tiling()
+    for name, tiles, compiled in VAE_SETTINGS:
+        if only and not any(word in name for word in only):
+            continue
+        if tiles is None:
+            vae.disable_tiling()
+        else:
+            vae.enable_tiling(**(vae_tile_settings(vae, *LATENT[2:], *tiles) if tiles else defaults))
         vae.decoder._compiled_call_impl = None  # eager again
         torch._dynamo.reset()
         if compiled:
-            compile_vae_decoder(vae, dynamic=tiled)
+            compile_vae_decoder(vae, dynamic=tiles is not None)
         yield vae_row(vae, latents, name, device=device)
     del vae
     torch.cuda.empty_cache()
@@ -139,13 +149,14 @@ def main() -> int:
     parser.add_argument("--backend", action="append", help="attention backends (default cudnn, fa4)")
     parser.add_argument("--no-vae", action="store_true", help="leave out the VAE decode rows")
     parser.add_argument("--no-transformer", action="store_true", help="leave out the transformer rows")
+    parser.add_argument("--vae", action="append", help="only the VAE rows whose name contains this (repeatable)")
     args = parser.parse_args()
     device = torch.device("cuda", torch.cuda.current_device())
     if args.memory_cap_gib:
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(args.memory_cap_gib * 2**30 / total, device)
     rows: list[dict] = []
-    sections = ([] if args.no_vae else [vae_rows]) + ([] if args.no_transformer else [
+    sections = ([] if args.no_vae else [lambda d: vae_rows(d, args.vae)]) + ([] if args.no_transformer else [
         lambda d: transformer_rows(d, args.backend or ["cudnn", "fa4"])])
     for section in sections:
         for row in section(device):

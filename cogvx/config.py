@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Annotated, Any, Literal, Sequence
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -222,8 +222,9 @@ class ValidateConfig(Section):
     width: int | None = Field(None, ge=16, description="Sample width (multiple of 16); null uses the training width.")
     fps: int | None = Field(None, ge=1, description="Frame rate of the written mp4; null uses the model's.")
     seed: int = Field(0, ge=0, description="Seed of the sampling noise.")
-    offload: Literal["model", "sequential", "none"] = Field("model", description="GPU only: model = each component (T5, transformer, VAE) on the GPU only while it runs; sequential = layer by layer (least memory, slow); none = everything on the GPU (fastest, most memory).")
+    offload: Literal["model", "text_encoder", "sequential", "none"] = Field("model", description="GPU only: model = each component (T5, transformer, VAE) on the GPU only while it runs (whole-model copies at every render); text_encoder = the transformer and VAE stay on the GPU, T5 stays in pinned CPU memory and streams in block by block while it encodes (needs room for the transformer: ~11 GB bf16 at 5b, half with fp8_compute; works with fp8_compute); sequential = layer by layer (least memory, slow); none = everything on the GPU (most memory).")
     vae_tiling: bool = Field(True, description="Decode in spatial tiles (GPU): a few GiB instead of tens at 480x720 and up, same output up to tile blending; untiled, 5b generation at 49x480x720 ran out of memory on a simulated 24 GB card.")
+    vae_tiles: tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]] | None = Field(None, description="With vae_tiling: decode in this grid of [rows, columns] tiles (e.g. [1, 2]: two full-height halves), overlapping as diffusers' tiles do; fewer, bigger tiles decode faster and take more memory. null = diffusers' tiles (half the model's sample height and width: 3 x 3 tiles at 480x720).")
     control_videos: list[Path] = Field(default_factory=list, description="Control training: a control video per validation prompt (with data.control = canny, clips whose edges are taken); empty uses the control of the first training samples, in listing order.")
     compile: bool = Field(False, description="torch.compile the transformer blocks for rendering (cogvx generate; in training, train.compile decides); pays off from about 20 denoising steps.")
     compile_vae: bool = Field(False, description="cogvx generate: torch.compile the VAE decoder (tiled: one graph with dynamic tile sizes). The first render compiles it and later renders of the same size reuse it, so it is meant for several renders in one process; its speedup on a GPU is not measured yet (bench/README.md), the frames equal the eager decoder's up to float rounding.")
@@ -504,10 +505,11 @@ def _render_placement_problems(config: Config) -> list[str]:
     between the CPU and the GPU by diffusers' offload hooks (on an H200: "Attempted to set the
     storage of a tensor on device cuda:0 to a storage on different device cpu" at the first
     move), so the render would fail after loading everything; refused up front instead."""
-    if config.validate_.fp8_compute and config.validate_.offload != "none":
+    if config.validate_.fp8_compute and config.validate_.offload not in ("none", "text_encoder"):
         return [f"validate.fp8_compute = true does not go with validate.offload = {config.validate_.offload}: "
-                "torchao's fp8 weights cannot be moved by the offload hooks; set validate.offload = none "
-                "(everything stays on the GPU) or validate.fp8_compute = false"]
+                "torchao's fp8 weights cannot be moved by the offload hooks; set validate.offload = text_encoder "
+                "(the transformer stays on the GPU, T5 streams in from the CPU), none (everything stays on the GPU) "
+                "or validate.fp8_compute = false"]
     return []
 
 

@@ -271,7 +271,8 @@ def render_request(pipe, config: Config, request: GenerateRequest, device, log=p
     video = render(pipe, request.prompt, frames=size.frames, height=size.height, width=size.width,
                    steps=request.steps or validate.num_inference_steps,
                    guidance_scale=request_guidance(config, request),
-                   seed=validate.seed if request.seed is None else request.seed, image=image, control=control)
+                   seed=validate.seed if request.seed is None else request.seed, image=image, control=control,
+                   vae_tiles=validate.vae_tiles)
     if video.shape[0] != size.frames:
         log(f"note: the pipeline returned {video.shape[0]} frames for {size.frames} asked "
             "(CogVideoX 1.0 decodes exactly when (frames - 1) / 4 + 1 is odd, e.g. 9, 17, 25, 49)")

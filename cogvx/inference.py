@@ -76,6 +76,10 @@ def prepare_for_device(pipe, device: torch.device, offload: str = "model", vae_t
 def _place_on_gpu(pipe, device: torch.device, offload: str, vae_tiling: bool) -> None:
     if offload == "model":
         pipe.enable_model_cpu_offload(device=device)
+    elif offload == "text_encoder":
+        stream_text_encoder(pipe.text_encoder, device)
+        for name in ("transformer", "vae"):
+            getattr(pipe, name).to(device)
     elif offload == "sequential":
         pipe.enable_sequential_cpu_offload(device=device)
     else:
@@ -83,6 +87,55 @@ def _place_on_gpu(pipe, device: torch.device, offload: str, vae_tiling: bool) ->
     if vae_tiling:
         pipe.vae.enable_tiling()
     pipe.vae.enable_slicing()
+
+
+def stream_text_encoder(text_encoder, device: torch.device) -> None:
+    """Keep the T5 encoder in pinned CPU memory and bring it to ``device`` one block at a time
+    while it encodes, the next block's copy on a side stream (diffusers' group offloading), so
+    that none of its ~9.5 GB (T5-XXL, bf16) stays on the GPU and nothing else has to move: the
+    transformer and the VAE stay put (validate.offload = text_encoder)."""
+    from diffusers.hooks import apply_group_offloading
+
+    apply_group_offloading(text_encoder, onload_device=device, offload_type="block_level", num_blocks_per_group=1,
+                           use_stream=device.type == "cuda", block_modules=["encoder"])
+
+
+def vae_tile_settings(vae, latent_height: int, latent_width: int, rows: int, cols: int) -> dict[str, Any]:
+    """``enable_tiling`` arguments that make diffusers' tiled decode of a latent frame of
+    ``latent_height`` x ``latent_width`` cut it into ``rows`` x ``cols`` tiles (fewer where a
+    side has fewer latent pixels than that), each overlapping the next by about diffusers' own
+    share (1/6 of a tile's height, 1/5 of its width), with seams that line up."""
+    scale = 2 ** (len(vae.config.block_out_channels) - 1)  # pixels per latent pixel, diffusers' rule
+    tile_height, overlap_height = tile_span(latent_height, rows, 1 / 6, scale)
+    tile_width, overlap_width = tile_span(latent_width, cols, 1 / 5, scale)
+    return {"tile_sample_min_height": tile_height * scale, "tile_sample_min_width": tile_width * scale,
+            "tile_overlap_factor_height": overlap_height, "tile_overlap_factor_width": overlap_width}
+
+
+def tile_span(latents: int, tiles: int, share: float, scale: int) -> tuple[int, float]:
+    """One axis of :func:`vae_tile_settings`: a tile's length in latent pixels and its overlap
+    factor. diffusers steps by ``int(tile * (1 - factor))`` latent pixels and blends the last
+    ``int(tile * scale * factor)`` decoded pixels of a tile into the next; both must come out
+    whole (step + overlap = tile) or the blend misses the overlap by a few pixels, a seam."""
+    if tiles <= 1 or latents <= 1:
+        return 2 * max(latents, 1), share  # one tile: the first step already passes the end
+    step = -(-latents // min(tiles, latents))
+    first = max(1, round(step * share / (1 - share)))
+    for overlap in (*range(first, step + 1), *range(first - 1, 0, -1)):
+        tile = step + overlap
+        factor = overlap / tile
+        if int(tile * (1 - factor)) == step and int(tile * scale * factor) == overlap * scale:
+            return tile, factor
+    raise ValueError(f"no whole tiling of {latents} latent pixels into {tiles}")  # not reached: overlap = step works
+
+
+def fit_vae_tiles(vae, height: int, width: int, tiles: tuple[int, int] | None) -> None:
+    """Before a render of ``height`` x ``width`` pixels: with tiling on and validate.vae_tiles
+    set, size the decode's tiles for that grid (:func:`vae_tile_settings`)."""
+    if tiles is None or not getattr(vae, "use_tiling", False):
+        return
+    scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    vae.enable_tiling(**vae_tile_settings(vae, height // scale, width // scale, *tiles))
 
 
 def compile_vae_decoder(vae, dynamic: bool) -> None:
@@ -188,9 +241,11 @@ def placeholder_image(height: int, width: int) -> Image.Image:
 
 def render(pipe, prompt: str, *, frames: int, height: int, width: int, steps: int,
            guidance_scale: float, seed: int, image: Image.Image | None = None,
-           control: list[Image.Image] | None = None) -> np.ndarray:
+           control: list[Image.Image] | None = None, vae_tiles: tuple[int, int] | None = None) -> np.ndarray:
     """Sample one video; returns uint8 frames shaped [F, H, W, 3]. A control pipeline takes its
-    frame count from ``control`` (one frame per rendered frame: :func:`control_frames`)."""
+    frame count from ``control`` (one frame per rendered frame: :func:`control_frames`);
+    ``vae_tiles`` is validate.vae_tiles (:func:`fit_vae_tiles`)."""
+    fit_vae_tiles(pipe.vae, height, width, vae_tiles)
     kwargs = dict(prompt=prompt, num_frames=frames, height=height, width=width,
                   num_inference_steps=steps, guidance_scale=guidance_scale,
                   generator=torch.Generator("cpu").manual_seed(seed), output_type="np")

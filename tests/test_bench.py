@@ -25,7 +25,7 @@ def test_smoke_suite_runs_every_kind_through_the_cli(run_cli, tmp_path):
     report = json.loads(out.read_text())
     cases = {case["case"]: case for case in report["cases"]}
     assert set(cases) == {"tiny-lora", "tiny-lora-fp8-offload", "tiny-lora-ddp", "tiny-validate", "tiny-generate",
-                          "tiny-control-lokr-validate"}
+                          "tiny-generate-cache", "tiny-control-lokr-validate"}
     # The launched case: 2 processes under accelerate (gloo here), both measured, scaling computed.
     ddp = cases["tiny-lora-ddp"]
     assert ddp["processes"] == 2 and ddp["distributed_type"] == "MULTI_CPU", ddp
@@ -38,6 +38,9 @@ def test_smoke_suite_runs_every_kind_through_the_cli(run_cli, tmp_path):
     assert "validation" in control["phases"] and control["in_channels"] == 2 * cases["tiny-lora"]["in_channels"], control
     assert control["trainable_params"] > 0, control
     assert cases["tiny-generate"]["frames"] == 9 and cases["tiny-generate"]["seconds"] > 0
+    cached = cases["tiny-generate-cache"]  # the same render with the cache off, in the same process
+    assert cached["uncached_seconds"] > 0 and cached["cache_speedup"] > 0, cached
+    assert 0 < cached["cache_relative_difference"] < 0.5, cached
     assert "tiny-lora-fp8-offload" in done.stdout  # the table is printed
 
 

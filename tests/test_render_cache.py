@@ -174,7 +174,7 @@ def test_fp8_render_with_offload_hooks_is_refused_before_loading(tiny_models):
     GPU): the combination is a config error naming the way out."""
     model = tiny_models["tiny-t2v"]
     for offload in ("model", "sequential"):
-        with pytest.raises(ConfigError, match=f"validate.offload = {offload}: .* set validate.offload = none"):
+        with pytest.raises(ConfigError, match=f"validate.offload = {offload}: .* set validate.offload = text_encoder"):
             tiny_config(model, "validate.fp8_compute=true", f"validate.offload={offload}")
     assert tiny_config(model, "validate.fp8_compute=true", "validate.offload=none").validate_.fp8_compute
 

@@ -216,7 +216,31 @@ def run_generate(case: Case, workdir: Path, device: torch.device) -> dict[str, A
     if phases is not None:
         result["render_phases"] = phases.summary(seconds)
         result["profile"] = _render_kernels(pipe, config, request, device)
+    if config.validate_.cache != "none":
+        result.update(_uncached_comparison(pipe, config, request, device, video, seconds))
     return result
+
+
+def _uncached_comparison(pipe, config: Config, request, device: torch.device, cached, cached_seconds: float):
+    """validate.cache's price and gain: the same render (prompt, seed) with the cache off, in the
+    same process after its own warm-up (the compiled blocks recompile without the cache's
+    hooks): its seconds, the speedup, and the relative difference of the cached frames."""
+    from dataclasses import replace
+
+    from cogvx.generate import render_request
+    from cogvx.inference import prepare_for_device, relative_difference, remove_render_cache
+
+    validate = config.validate_
+    if device.type == "cuda" and validate.offload in ("model", "sequential"):
+        pipe.remove_all_hooks()  # the cache comes off between the offload hooks (apply_render_cache)
+    remove_render_cache(pipe.transformer)
+    prepare_for_device(pipe, device, validate.offload, validate.vae_tiling, validate.compile, validate.compile_vae)
+    render_request(pipe, config, replace(request, steps=2), device)
+    started = time.perf_counter()
+    video = render_request(pipe, config, request, device)
+    seconds = time.perf_counter() - started
+    return {"uncached_seconds": round(seconds, 2), "cache_speedup": round(seconds / cached_seconds, 3),
+            "cache_relative_difference": round(relative_difference(cached.astype("float64"), video.astype("float64")), 4)}
 
 
 def _render_kernels(pipe, config: Config, request, device: torch.device) -> dict[str, Any]:

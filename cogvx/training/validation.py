@@ -44,11 +44,12 @@ def render_validation(config: Config, folder: Path, transformer, step: int, out_
         for index, prompt in enumerate(validate.prompts):
             video = render(pipe, prompt, frames=size.frames, height=size.height, width=size.width,
                            steps=validate.num_inference_steps, guidance_scale=validate.guidance_scale,
-                           seed=validate.seed + index, control=controls[index] if controls else None)
+                           seed=validate.seed + index, control=controls[index] if controls else None,
+                           vae_tiles=validate.vae_tiles)
             written.append(writer(video, out_dir / "validation" / f"step-{step:06d}" / f"prompt-{index:02d}.mp4",
                                   size.fps))
     finally:
-        if device.type == "cuda" and validate.offload != "none":
+        if device.type == "cuda" and validate.offload in ("model", "sequential"):
             pipe.remove_all_hooks()
             transformer.to(device)
         remove_render_cache(transformer)
