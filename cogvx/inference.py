@@ -96,8 +96,9 @@ def stream_text_encoder(text_encoder, device: torch.device) -> None:
     transformer and the VAE stay put (validate.offload = text_encoder)."""
     from diffusers.hooks import apply_group_offloading
 
-    apply_group_offloading(text_encoder, onload_device=device, offload_type="block_level", num_blocks_per_group=1,
-                           use_stream=device.type == "cuda", block_modules=["encoder"])
+    stack = getattr(text_encoder, "encoder", text_encoder)  # T5's blocks are in encoder.block; its embedding is tied
+    apply_group_offloading(stack, onload_device=device, offload_type="block_level", num_blocks_per_group=1,
+                           use_stream=device.type == "cuda")
 
 
 def vae_tile_settings(vae, latent_height: int, latent_width: int, rows: int, cols: int) -> dict[str, Any]:
