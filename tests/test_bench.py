@@ -41,6 +41,7 @@ def test_smoke_suite_runs_every_kind_through_the_cli(run_cli, tmp_path):
     cached = cases["tiny-generate-cache"]  # the same render with the cache off, in the same process
     assert cached["uncached_seconds"] > 0 and cached["cache_speedup"] > 0, cached
     assert 0 < cached["cache_relative_difference"] < 0.5, cached
+    assert "x the uncached" in done.stdout and "apart)" in done.stdout  # its table row says both
     assert "tiny-lora-fp8-offload" in done.stdout  # the table is printed
 
 

@@ -23,7 +23,9 @@ SHORT = {"train.fp8_base_weights=true": "fp8 weights", "train.compile=blocks": "
          "train.lora.kind=lokr": "LoKr", "train.lora.kind=loha": "LoHa", "validate.vae_tiling=false": "untiled VAE decode",
          "validate.cache=first_block": "first-block cache", "validate.cache=pyramid_broadcast": "pyramid attention broadcast",
          "prepare.compile=true": "VAE encoder compiled", "validate.compile_vae=true": "VAE decoder compiled",
-         "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True": "expandable allocator segments"}
+         "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True": "expandable allocator segments",
+         "validate.offload=text_encoder": "T5 streamed (transformer and VAE resident)",
+         "validate.vae_tiles=[2,2]": "decode in 2 x 2 tiles", "validate.vae_tiles=[1,2]": "decode in 1 x 2 tiles"}
 
 
 DEFAULTS = {"train": "defaults (bf16 weights, eager, AdamW)", "validate": "defaults (bf16 weights, eager, AdamW)",
@@ -70,7 +72,11 @@ def _speed_figure(result: dict[str, Any]) -> str:
     if result["kind"] == "validate":
         return f"{_fmt(result.get('s_per_step_median'))} s/step, render {_fmt(result.get('validation_s'), 0)} s"
     if result["kind"] == "generate":
-        return f"{_fmt(result.get('seconds'), 1)} s / video"
+        text = f"{_fmt(result.get('seconds'), 1)} s / video"
+        if "uncached_seconds" in result:  # a validate.cache case, beside the same render uncached
+            text += (f" ({result['cache_speedup']:.2f}x the uncached {_fmt(result['uncached_seconds'], 1)} s, "
+                     f"frames {result['cache_relative_difference']:.1%} apart)")
+        return text
     if result["kind"] == "quality":
         return f"LoRA grad error {_fmt(result.get('grad_rel_err_median'), 3)}, loss curves {_fmt(result.get('loss_curve_rel_diff'), 3)}"
     if result["kind"] == "prepare":
