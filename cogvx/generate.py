@@ -239,6 +239,7 @@ def _quantize_for_rendering(pipe, device, has_lora: bool, log=print) -> None:
     if has_lora:
         pipe.fuse_lora(components=["transformer"])
         pipe.unload_lora_weights()
+    pipe.transformer.to(device)  # quantized where it runs: torchao's fp8 weights are not moved afterwards
     layers = quantize_fp8_compute(pipe.transformer, device)
     log(f"fp8 compute: {layers} linear layers of the transformer quantized (per-row scales)")
 
