@@ -228,7 +228,7 @@ class ValidateConfig(Section):
     control_videos: list[Path] = Field(default_factory=list, description="Control training: a control video per validation prompt (with data.control = canny, clips whose edges are taken); empty uses the control of the first training samples, in listing order.")
     compile: bool = Field(False, description="torch.compile the transformer blocks for rendering (cogvx generate; in training, train.compile decides); pays off from about 20 denoising steps.")
     compile_vae: bool = Field(False, description="cogvx generate: torch.compile the VAE decoder (tiled: one graph with dynamic tile sizes). The first render compiles it and later renders of the same size reuse it, so it is meant for several renders in one process; its speedup on a GPU is not measured yet (bench/README.md), the frames equal the eager decoder's up to float rounding.")
-    fp8_compute: bool = Field(False, description="cogvx generate on a GPU of compute capability >= 8.9 (Ada, Hopper): fp8 weights and activations with per-row scales (torchao) in the transformer's linear layers, a LoRA fused first; faster matmuls and half the transformer's memory, a slight change in output.")
+    fp8_compute: bool = Field(False, description="cogvx generate on a GPU of compute capability >= 8.9 (Ada, Hopper): fp8 weights with per-row scales in the transformer's linear layers (the blocks' multiply in fp8, per-row quantized activations: training's fp8 path), a LoRA fused first; faster matmuls and half the transformer's memory, a slight change in output. Needs validate.offload = text_encoder or none.")
     cache: Literal["none", "first_block", "pyramid_broadcast", "faster"] = Field("none", description="Opt-in: diffusers' transformer caching for renders (in-training validation and cogvx generate), removed after each render so training is unchanged; faster renders at some change in output (the speedup on the H200 is a bench case, not measured yet: bench/README.md). first_block = first-block cache (the other blocks are skipped while the first block's output changes less than cache_threshold); pyramid_broadcast = pyramid attention broadcast (each block's attention reused every other step between timesteps 100 and 800, diffusers' CogVideoX settings); faster = FasterCache (attention reused every other step below timestep 681, the unconditional guidance branch approximated from the conditional one, diffusers' CogVideoX settings; not with compiled blocks: validate.compile / train.compile); none = off.")
     cache_threshold: float = Field(0.1, gt=0, description="Opt-in, with validate.cache = first_block: relative change of the first block's residual between steps below which the other blocks reuse their cached output (diffusers' FirstBlockCacheConfig.threshold); higher = faster renders at more change in output.")
 
@@ -501,13 +501,13 @@ def _control_problems(config: Config) -> list[str]:
 
 
 def _render_placement_problems(config: Config) -> list[str]:
-    """validate.fp8_compute with offload hooks: torchao's fp8 weight tensors cannot be moved
-    between the CPU and the GPU by diffusers' offload hooks (on an H200: "Attempted to set the
-    storage of a tensor on device cuda:0 to a storage on different device cpu" at the first
-    move), so the render would fail after loading everything; refused up front instead."""
+    """validate.fp8_compute with model or sequential offload: fp8 halves the transformer so it
+    can stay on the GPU (offload = text_encoder or none); the offload hooks would copy it to the
+    CPU and back at every render for nothing (and with torchao's fp8 tensors, used before, they
+    failed at the first move on an H200), so the pair is refused up front."""
     if config.validate_.fp8_compute and config.validate_.offload not in ("none", "text_encoder"):
         return [f"validate.fp8_compute = true does not go with validate.offload = {config.validate_.offload}: "
-                "torchao's fp8 weights cannot be moved by the offload hooks; set validate.offload = text_encoder "
+                "fp8 renders keep the transformer on the GPU; set validate.offload = text_encoder "
                 "(the transformer stays on the GPU, T5 streams in from the CPU), none (everything stays on the GPU) "
                 "or validate.fp8_compute = false"]
     return []

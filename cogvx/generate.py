@@ -239,9 +239,9 @@ def _quantize_for_rendering(pipe, device, has_lora: bool, log=print) -> None:
     if has_lora:
         pipe.fuse_lora(components=["transformer"])
         pipe.unload_lora_weights()
-    pipe.transformer.to(device)  # quantized where it runs: torchao's fp8 weights are not moved afterwards
+    pipe.transformer.to(device)  # made fp8 where it runs, and kept there (validate.offload = text_encoder or none)
     layers = quantize_fp8_compute(pipe.transformer, device)
-    log(f"fp8 compute: {layers} linear layers of the transformer quantized (per-row scales)")
+    log(f"fp8 compute: {layers} linear layers of the transformer in fp8 (per-row scales)")
 
 
 def request_settings(config: Config, request: GenerateRequest) -> RenderSettings:

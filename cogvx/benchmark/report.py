@@ -15,7 +15,7 @@ SHORT = {"train.fp8_base_weights=true": "fp8 weights", "train.compile=blocks": "
          "train.attention_backend=flash": "flash attention", "train.attention_backend=fa4": "FlashAttention-4", "train.optimizer=adamw8bit": "8-bit AdamW",
          "train.optimizer=cpu_offload_adamw": "CPU-offload AdamW", "train.activation_offload=true": "activation offload",
          "train.method=full": "full fine-tune", "validate.compile=true": "compiled", "validate.offload=model": "model offload",
-         "validate.offload=none": "no offload", "validate.fp8_compute=true": "fp8 compute (torchao)",
+         "validate.offload=none": "no offload", "validate.fp8_compute=true": "fp8 compute",
          "train.preset=speed": "preset speed", "train.preset=balanced": "preset balanced", "train.preset=lean": "preset lean",
          "train.fp8_compute=true": "fp8 GEMMs", "train.keep_attention_outputs=true": "attention outputs kept",
          "validate.num_inference_steps=2": "2-step validation render",

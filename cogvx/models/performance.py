@@ -116,18 +116,17 @@ def store_base_weights_in_fp8(transformer, compute_dtype: torch.dtype = torch.bf
 
 
 def quantize_fp8_compute(transformer, device: torch.device) -> int:
-    """Inference only: fp8 weights and dynamically quantized fp8 activations, per-row scales,
-    in every nn.Linear outside FP8_SKIP (torchao); returns how many layers were quantized."""
+    """Inference: the training fp8 path (:func:`store_base_weights_in_fp8` with ``compute``) on
+    the frozen transformer: fp8 weights with per-row scales everywhere outside FP8_SKIP, and the
+    blocks' linears multiplying in fp8 (rowwise-scaled torch._scaled_mm); returns how many layers
+    changed. Plain tensors, unlike torchao's fp8 tensor subclass used before, whose 5b renders
+    did not finish within 200-260 s in three H200 bench runs (its compile suspected), while
+    the compiled blocks of training's fp8 path share one graph."""
     if device.type != "cuda" or torch.cuda.get_device_capability(device) < FP8_CAPABILITY:
         raise CogvxError("validate.fp8_compute needs a CUDA GPU of compute capability 8.9 or newer (Ada, Hopper); "
                          "set validate.fp8_compute=false here")
-    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
-
-    chosen = {name for name, module in transformer.named_modules()
-              if type(module) is torch.nn.Linear and not any(re.search(p, name) for p in FP8_SKIP)}
-    quantize_(transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
-              filter_fn=lambda module, name: name in chosen)
-    return len(chosen)
+    transformer.requires_grad_(False)
+    return store_base_weights_in_fp8(transformer, compute_dtype=transformer.dtype, compute=True)
 
 
 def compile_blocks(transformer) -> int:
