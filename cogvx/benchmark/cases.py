@@ -250,20 +250,18 @@ ISSUE17: tuple[Case, ...] = (
                 ("validate.offload=text_encoder", "validate.vae_tiles=[2,2]", "validate.cache=pyramid_broadcast",
                  "train.attention_backend=cudnn"),
                 note="as 5b-generate-t5-stream with pyramid attention broadcast, then the same render uncached "
-                "(speedup and output difference; random weights)"),
+                "(speedup and output difference; random weights). Out of memory under the cap at dcad2c2: the "
+                "broadcast keeps every block's attention output, 42 x 218 MB at this size, beside the resident "
+                "transformer"),
     generate_5b("5b-generate-fa4-tiles-1x2", ("validate.offload=model", "validate.vae_tiles=[1,2]") + FA4, 65.0,
                 note="as 5b-generate-fa4, decode in 1 x 2 tiles"),
-    generate_5b("5b-generate-fa4-t5-stream", ("validate.offload=text_encoder", "validate.vae_tiles=[2,2]") + FA4, 65.0,
-                note="as 5b-generate-fa4, T5 streamed, the transformer and VAE resident, decode in 2 x 2 tiles"),
+    generate_5b("5b-generate-fa4-t5-stream", ("validate.offload=text_encoder",) + FA4, 65.0,
+                note="as 5b-generate-fa4, T5 streamed, the transformer and VAE resident"),
     generate_5b("5b-generate-fp8-fa4-t5-stream",
                 ("validate.fp8_compute=true", "validate.offload=text_encoder", "validate.vae_tiles=[2,2]") + FA4, 60.0,
                 note="as 5b-generate-fp8-fa4, T5 streamed, decode in 2 x 2 tiles"),
-    generate_5b("5b-generate-pyramid-fa4-t5-stream",
-                ("validate.offload=text_encoder", "validate.vae_tiles=[2,2]", "validate.cache=pyramid_broadcast") + FA4,
-                note="as 5b-generate-fa4-t5-stream with pyramid attention broadcast, then the same render uncached "
-                "(speedup and output difference; random weights)"),
     generate_5b("5b-generate-first-block-cache-fa4-t5-stream",
-                ("validate.offload=text_encoder", "validate.vae_tiles=[2,2]", "validate.cache=first_block") + FA4,
+                ("validate.offload=text_encoder", "validate.cache=first_block") + FA4,
                 note="as 5b-generate-fa4-t5-stream with first-block cache, then the same render uncached "
                 "(speedup and output difference; random weights: its skips depend on the weights)"),
     Case("5b-full-fa4", "train", "cogvideox-5b", S49, ("train.method=full", "train.preset=balanced") + FA4, "5b",
