@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Annotated, Any, Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -224,7 +224,7 @@ class ValidateConfig(Section):
     seed: int = Field(0, ge=0, description="Seed of the sampling noise.")
     offload: Literal["model", "text_encoder", "sequential", "none"] = Field("model", description="GPU only: model = each component (T5, transformer, VAE) on the GPU only while it runs (whole-model copies at every render); text_encoder = the transformer and VAE stay on the GPU, T5 stays in pinned CPU memory and streams in block by block while it encodes (needs room for the transformer: ~11 GB bf16 at 5b, half with fp8_compute; works with fp8_compute); sequential = layer by layer (least memory, slow); none = everything on the GPU (most memory).")
     vae_tiling: bool = Field(True, description="Decode in spatial tiles (GPU): a few GiB instead of tens at 480x720 and up, same output up to tile blending; untiled, 5b generation at 49x480x720 ran out of memory on a simulated 24 GB card.")
-    vae_tiles: tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]] | None = Field(None, description="With vae_tiling: decode in this grid of [rows, columns] tiles (e.g. [1, 2]: two full-height halves), overlapping as diffusers' tiles do; fewer, bigger tiles decode faster and take more memory. null = diffusers' tiles (half the model's sample height and width: 3 x 3 tiles at 480x720).")
+    vae_tiles: tuple[int, int] | None = Field(None, description="GPU, with vae_tiling: decode in this grid of [rows, columns] tiles (e.g. [1, 2]: two full-height halves), overlapping as diffusers' tiles do; fewer, bigger tiles decode faster and take more memory. null = diffusers' tiles (half the model's sample height and width: 3 x 3 tiles at 480x720).")
     control_videos: list[Path] = Field(default_factory=list, description="Control training: a control video per validation prompt (with data.control = canny, clips whose edges are taken); empty uses the control of the first training samples, in listing order.")
     compile: bool = Field(False, description="torch.compile the transformer blocks for rendering (cogvx generate; in training, train.compile decides); pays off from about 20 denoising steps.")
     compile_vae: bool = Field(False, description="cogvx generate: torch.compile the VAE decoder (tiled: one graph with dynamic tile sizes). The first render compiles it and later renders of the same size reuse it, so it is meant for several renders in one process; its speedup on a GPU is not measured yet (bench/README.md), the frames equal the eager decoder's up to float rounding.")
@@ -233,6 +233,13 @@ class ValidateConfig(Section):
     cache_threshold: float = Field(0.1, gt=0, description="Opt-in, with validate.cache = first_block: relative change of the first block's residual between steps below which the other blocks reuse their cached output (diffusers' FirstBlockCacheConfig.threshold); higher = faster renders at more change in output.")
 
     _check_size = field_validator("height", "width")(_multiple_of_16)
+
+    @field_validator("vae_tiles")
+    @classmethod
+    def _positive_tiles(cls, tiles: tuple[int, int] | None) -> tuple[int, int] | None:
+        if tiles is not None and min(tiles) < 1:
+            raise ValueError(f"{list(tiles)} is not a grid: give [rows, columns], each at least 1 (e.g. [1, 2])")
+        return tiles
 
 
 class TrackingConfig(Section):

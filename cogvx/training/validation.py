@@ -16,7 +16,8 @@ def render_validation(config: Config, folder: Path, transformer, step: int, out_
     The pipeline is assembled around the training transformer (LoRA, fp8 storage and compiled
     blocks included) from the base model's other parts. On a GPU, validate.offload decides what
     stays on the device (model: one component at a time, so validation adds one component's
-    memory to training's); the hooks are removed and the transformer put back afterwards.
+    memory to training's; text_encoder: the transformer stays, T5 streams in, the VAE comes
+    and goes); the hooks are removed and the transformer put back afterwards.
     validate.cache (diffusers' caching hooks) goes on before the offload hooks and comes off
     after them, in a finally, so training gets its transformer back without a hook.
     ``writer(frames, path, fps)`` replaces the mp4 writer (benchmarks on machines without ffmpeg).
@@ -52,6 +53,8 @@ def render_validation(config: Config, folder: Path, transformer, step: int, out_
         if device.type == "cuda" and validate.offload in ("model", "sequential"):
             pipe.remove_all_hooks()
             transformer.to(device)
+        elif device.type == "cuda" and validate.offload == "text_encoder":
+            pipe.vae.to("cpu")  # training gets the GPU back without waiting for the pipeline's collection
         remove_render_cache(transformer)
         transformer.train(was_training)
     return written
