@@ -95,8 +95,11 @@ def stream_text_encoder(text_encoder, device: torch.device) -> None:
     that none of its ~9.5 GB (T5-XXL, bf16) stays on the GPU and nothing else has to move: the
     transformer and the VAE stay put (validate.offload = text_encoder)."""
     from diffusers.hooks import apply_group_offloading
+    from diffusers.hooks.group_offloading import _is_group_offload_enabled
 
     stack = getattr(text_encoder, "encoder", text_encoder)  # T5's blocks are in encoder.block; its embedding is tied
+    if _is_group_offload_enabled(stack):  # placed again (a second render setting on the same pipeline)
+        return
     apply_group_offloading(stack, onload_device=device, offload_type="block_level", num_blocks_per_group=1,
                            use_stream=device.type == "cuda")
 

@@ -66,7 +66,14 @@ def test_streamed_text_encoder_encodes_what_the_resident_one_does(tiny_pipe):
         resident = text_encoder(ids)[0]
         stream_text_encoder(text_encoder, torch.device("cpu"))
         streamed = text_encoder(ids)[0]
+        hooks = [module._diffusers_hook for module in text_encoder.modules() if hasattr(module, "_diffusers_hook")]
+        stream_text_encoder(text_encoder, torch.device("cpu"))  # placed again: the same hooks, none added
+        again = text_encoder(ids)[0]
+    assert hooks and hooks == [module._diffusers_hook for module in text_encoder.modules()
+                               if hasattr(module, "_diffusers_hook")]
+    assert all(len(registry.hooks) == 1 for registry in hooks), [list(registry.hooks) for registry in hooks]
     torch.testing.assert_close(streamed, resident)
+    torch.testing.assert_close(again, resident)
 
 
 def test_vae_tiles_and_text_encoder_offload_in_the_config(tmp_path):
