@@ -109,7 +109,7 @@ def vae_tile_settings(vae, latent_height: int, latent_width: int, rows: int, col
     ``latent_height`` x ``latent_width`` cut it into ``rows`` x ``cols`` tiles (fewer where a
     side has fewer latent pixels than that), each overlapping the next by about diffusers' own
     share (1/6 of a tile's height, 1/5 of its width), with seams that line up."""
-    scale = 2 ** (len(vae.config.block_out_channels) - 1)  # pixels per latent pixel, diffusers' rule
+    scale = spatial_scale(vae)
     tile_height, overlap_height = tile_span(latent_height, rows, 1 / 6, scale)
     tile_width, overlap_width = tile_span(latent_width, cols, 1 / 5, scale)
     return {"tile_sample_min_height": tile_height * scale, "tile_sample_min_width": tile_width * scale,
@@ -138,8 +138,13 @@ def fit_vae_tiles(vae, height: int, width: int, tiles: tuple[int, int] | None) -
     set, size the decode's tiles for that grid (:func:`vae_tile_settings`)."""
     if tiles is None or not getattr(vae, "use_tiling", False):
         return
-    scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    scale = spatial_scale(vae)
     vae.enable_tiling(**vae_tile_settings(vae, height // scale, width // scale, *tiles))
+
+
+def spatial_scale(vae) -> int:
+    """Pixels per latent pixel along height and width: diffusers' rule for its tiles."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def compile_vae_decoder(vae, dynamic: bool) -> None:
