@@ -11,7 +11,7 @@ import pytest
 
 from cogvx.benchmark.cases import ISSUE7, ISSUE10, ISSUE17, ISSUE18, Case, select
 from cogvx.benchmark.report import README_BEGIN, README_END, load_results, markdown, update_readme
-from cogvx.benchmark.suite import compare, last_result_line
+from cogvx.benchmark.suite import compare, last_result_line, run_references
 from cogvx.errors import CogvxError
 from tests.helpers import REPO
 
@@ -61,6 +61,20 @@ def test_compare_computes_ratios_and_targets():
     assert fast["targets_met"] == {"time_ratio": True, "peak_gib": False}
     failed = compare({"error": "exit 1"}, case, reference)
     assert "targets_met" not in failed
+
+
+def test_generation_runs_the_plain_reference_step_and_training_its_variants_too(tmp_path):
+    """A render is anchored by the eager reference step in its invocation; the compiled variant
+    only gives training steps their second ratio, so a generation-only run skips it."""
+    renders = select("issue17", ["5b-generate-fa4-t5-stream"])
+    with_training = select("issue17", ["5b-generate-fa4-t5-stream", "5b-speed"])
+    keys = []
+    for cases in (renders, with_training):
+        report = {"references": {}}
+        run_references(cases, "issue17", None, 10, report, tmp_path / "out.json", log=lambda line: None)
+        keys.append(sorted(report["references"]))
+    assert keys == [["5b"], ["5b", "5b-compile"]]
+    assert "pass --reference" in report["references"]["5b"]["error"]
 
 
 def test_result_line_parsing_takes_the_last_result():

@@ -162,8 +162,8 @@ def markdown(reports: list[dict[str, Any]]) -> str:
     footer = (f"\nMeasured on {', '.join(gpus) or 'unknown GPU'} ({'; '.join(versions)}), commit "
               f"{', '.join(commits)}, real-size models with random weights, batch 1, rank 64, median of the "
               "timed steps after warm-up; a case with a ratio to the reference step ran beside it in the same "
-              "invocation on the same GPU; generation cases have absolute targets (seconds a video, memory) and "
-              "no reference run.")
+              "invocation on the same GPU; generation cases have absolute targets (seconds a video, memory), "
+              "and the reference step ran in their invocation where their file shows a reference row.")
     return "\n".join(body) + "\n" + footer + "\n"
 
 

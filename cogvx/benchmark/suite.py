@@ -124,10 +124,13 @@ def compare(result: dict[str, Any], case: Case, reference: dict[str, Any] | None
 def run_references(cases: list[Case], suite: str, anchor: Path | None, timeout: float, report: dict[str, Any],
                    out: Path, log: Callable[[str], None]) -> None:
     """The reference step once per model that cases compare with (and per reference variant
-    of the suite, keyed "<model>-<variant>")."""
+    of the suite, keyed "<model>-<variant>"). The variants only give training steps a second
+    ratio, so a run of generate or validate cases alone runs the plain reference step only."""
     for model in sorted({case.reference for case in cases if case.reference}):
         warmup = max(2, next(c.warmup for c in cases if c.reference == model))
-        for variant in (None, *REFERENCE_VARIANTS.get(suite, {}).get(model, ())):
+        trains = any(c.kind == "train" and c.reference == model for c in cases)
+        variants = REFERENCE_VARIANTS.get(suite, {}).get(model, ()) if trains else ()
+        for variant in (None, *variants):
             key = f"{model}-{variant}" if variant else model
             if anchor is None or not anchor.is_file():
                 report["references"][key] = {"error": f"no reference script at {anchor}; pass --reference"}
