@@ -82,8 +82,9 @@ VAE_SETTINGS = (  # (name, tiles: None = untiled, () = diffusers' tiles, (rows, 
     ("vae decode tiles 2x2", (2, 2), False),
     ("vae decode tiles 1x2", (1, 2), False),
     ("vae decode untiled", None, False),
-    ("vae decode tiles 1x2, compiled", (1, 2), True),
+    ("vae decode tiles 2x2, compiled", (2, 2), True),
     ("vae decode tiled, compiled", (), True),
+    ("vae decode tiles 1x2, compiled", (1, 2), True),
     ("vae decode untiled, compiled", None, True),
 )
 
@@ -150,6 +151,7 @@ def main() -> int:
     parser.add_argument("--no-vae", action="store_true", help="leave out the VAE decode rows")
     parser.add_argument("--no-transformer", action="store_true", help="leave out the transformer rows")
     parser.add_argument("--vae", action="append", help="only the VAE rows whose name contains this (repeatable)")
+    parser.add_argument("--commit", help="the commit to record (default: git's HEAD, stale in a copied tree)")
     args = parser.parse_args()
     device = torch.device("cuda", torch.cuda.current_device())
     if args.memory_cap_gib:
@@ -164,7 +166,7 @@ def main() -> int:
             rows.append(row)
             # Written after each row: a run cut short by a time limit keeps what it measured.
             args.out.write_text(json.dumps({"gpu": torch.cuda.get_device_name(device), "torch": torch.__version__,
-                                            "commit": git_commit(), "memory_cap_gib": args.memory_cap_gib,
+                                            "commit": args.commit or git_commit(), "memory_cap_gib": args.memory_cap_gib,
                                             "allocator": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""), "rows": rows},
                                            indent=2))
     return 0
