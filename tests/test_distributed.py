@@ -150,12 +150,21 @@ def test_sigterm_stops_every_process_at_one_step_with_a_checkpoint(data, tmp_pat
     if not (latents / "manifest.json").is_file():
         cogvx("prepare", *common(data, latents), cwd=root)
     settings = [*common(data, latents), "train.max_steps=100000", "train.checkpointing_steps=100000"]
+    env = {**child_env(), "PYTHONUNBUFFERED": "1"}  # progress lines reach the pipe as they are printed
     process = subprocess.Popen([sys.executable, "-m", "cogvx", "train", "--accelerate-config", str(DDP_2), *settings,
-                                f"train.output_dir={tmp_path / 'run'}"], cwd=root, env=child_env(),
+                                f"train.output_dir={tmp_path / 'run'}"], cwd=root, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(25)  # start-up of both processes, then some steps
+    # Both processes are in the loop once the main one reports step 1 (a DDP step is collective);
+    # the launched processes' output comes on the command's standard error.
+    seen, started = [], time.monotonic()
+    while time.monotonic() - started < 180 and (line := process.stderr.readline()):
+        seen.append(line)
+        if line.startswith("step 1/"):
+            break
+    time.sleep(1.0)  # then some steps
     process.send_signal(signal.SIGTERM)
-    stdout, stderr = process.communicate(timeout=120)
+    stdout, rest = process.communicate(timeout=120)
+    stderr = "".join(seen) + rest
     assert process.returncode == 130, stderr[-3000:]
     steps = {int(s) for s in re.findall(r"interrupted at step (\d+)", stderr)}
     assert len(re.findall(r"interrupted at step", stderr)) == 2 and len(steps) == 1, stderr[-3000:]
