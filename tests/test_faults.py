@@ -37,8 +37,7 @@ def train_cli(prepared, out: Path, *extra: str, file_size_limit: int | None = No
 def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(prepared, tmp_path):
     out = tmp_path / "run"
     settings = ("train.max_steps=4", "train.checkpointing_steps=2", "validate.every_n_steps=0")
-    first = train_cli(prepared, out, *settings)
-    assert first.returncode == 0, first.stderr[-2000:]
+    assert run(prepared, out, *settings).steps == 4  # in this process: only the faulted run needs a child
     shutil.rmtree(out / "checkpoints" / "checkpoint-000004")  # as if the run had stopped after step 2
     kept = list_checkpoints(out / "checkpoints")
     assert [p.name for p in kept] == ["checkpoint-000002"]
