@@ -41,7 +41,7 @@ run: install  ## run the main job on the embedded default (dvc repro of dvc.yaml
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
 # The suite runs on PYTEST_WORKERS processes (pytest-xdist), each taking whole test files, so a
-# file's fixtures (a trained run, a server) are built once: about 13 minutes on 2 cores.
+# file's fixtures (a trained run, a server) are built once: about 20 minutes on 2 cores.
 PYTEST_WORKERS ?= 2
 
 test: install-test  ## run the whole test suite
