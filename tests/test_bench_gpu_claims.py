@@ -39,6 +39,9 @@ def test_kernels_are_told_apart_by_name():
     assert kernel_category("sm90_xmma_gemm_e4m3bf16_e4m3f32_f32_tn_n_tilesize128x128x128") == "gemm-fp8"
     assert kernel_category("nvjet_tst_192x192_64x3_2x1_v_bz_coopB_TNN") == "gemm"
     assert kernel_category("triton_poi_fused_add_mul_0") == "triton-fused"
+    # seen in a FlashAttention-4 render: inductor's rotary kernel named after the SDPA it feeds
+    assert kernel_category("triton_poi_fused__scaled_dot_product_flash_attention__to_copy_add_copy_mul_"
+                           "neg_slice_stack_transpose_unbind_unsqueeze_view_4") == "triton-fused"
     # seen on the H200: cuBLAS's fp8 rowwise GEMM and the patch embedding's cuDNN convolutions
     assert kernel_category("nvjet_sm90_qqtst_128x128_128x6_1x1_h_bz_coopA_algo2_ovscale_TNT") == "gemm-fp8"
     assert kernel_category("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x128x64_"

@@ -15,6 +15,10 @@ FA4_KEYS = ("flash_attncute", "flash_attn_cute", "flashattentionforwardsm", "fla
 def kernel_category(name: str) -> str:
     """The category of one CUDA kernel by its name."""
     lowered = name.lower()
+    if lowered.startswith("triton_"):
+        # Inductor's own kernels, named after the ops they fuse: the rotary embedding fused into
+        # the attention's input is "triton_poi_fused__scaled_dot_product_flash_attention_...".
+        return "triton-fused"
     if "cudnn" in lowered and any(key in lowered for key in ("sdpa", "attn", "fmha")):
         return "attn-cudnn"
     if "implicit_gemm" in lowered or "nhwc" in lowered or "conv" in lowered:
