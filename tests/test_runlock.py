@@ -195,12 +195,17 @@ def test_a_run_held_back_by_the_limit_is_reported_as_waiting():
             return str(second.id), held.state.name
 
     logger, notice, seen = logging.getLogger(RUNNER_STATE_LOGGER), ConcurrencyWaitNotice(), Collect()
+    level = logger.level
     logger.addFilter(notice)
     logger.addHandler(seen)  # Prefect's loggers do not propagate to pytest's
+    # A flow run earlier in this process (test_flows.py, PREFECT_LOGGING_LEVEL=WARNING) leaves
+    # Prefect's loggers at WARNING; a served deployment's runner logs at INFO (Prefect's default).
+    logger.setLevel(logging.INFO)
     try:
         with prefect_test_harness(server_startup_timeout=120):
             second_id, state_name = asyncio.run(propose_two())
     finally:
+        logger.setLevel(level)
         logger.removeFilter(notice)
         logger.removeHandler(seen)
     assert state_name == "AwaitingConcurrencySlot"
