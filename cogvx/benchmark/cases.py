@@ -261,6 +261,10 @@ ISSUE17: tuple[Case, ...] = (
                 note="pyramid attention broadcast beside the fp8 transformer (~6 GB instead of 11), diffusers' "
                 "decode tiles, then the same render uncached: a fixed skip schedule, so its speedup does not "
                 "depend on the weights"),
+    generate_5b("5b-generate-pyramid-fp8-fa4-t5-stream",
+                ("validate.fp8_compute=true", "validate.offload=text_encoder", "validate.cache=pyramid_broadcast") + FA4,
+                60.0, note="as 5b-generate-pyramid-fp8-t5-stream with FlashAttention-4: the fastest render setting, "
+                "then the same render uncached"),
     generate_5b("5b-generate-fa4-tiles-1x2", ("validate.offload=model", "validate.vae_tiles=[1,2]") + FA4, 65.0,
                 note="as 5b-generate-fa4, decode in 1 x 2 tiles"),
     generate_5b("5b-generate-fa4-t5-stream", ("validate.offload=text_encoder", "validate.vae_tiles=[2,2]") + FA4, 65.0,
